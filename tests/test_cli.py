@@ -1,0 +1,70 @@
+"""``train.py`` as users run it: the README's main command, and a multirun."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from tests.conftest import CONF_DIR
+
+ROOT = CONF_DIR.parent
+
+
+def make_recipe(target: str) -> str:
+    """The command a Makefile target runs, with ``$(PY)`` standing for the venv's python."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(rf"^{target}:.*\n\t(.+)$", makefile, re.MULTILINE).group(1)
+    return recipe.replace("$(PY) ", "")
+
+
+def runs_in(folder: Path, experiment: str = "mlflow_tg") -> list:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([found.experiment_id])
+
+
+def test_readme_main_command_runs_end_to_end_on_the_embedded_default(tmp_path: Path):
+    readme = (ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+    command = make_recipe("run")
+    assert command == "train.py model=resnet width=16"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *command.split()[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, (run,) = runs_in(tmp_path)
+    assert run.info.status == "FINISHED" and run.info.run_name == "resnet-w16-s0"
+    assert run.data.tags["mlflow_tg.overrides"] == "model=resnet width=16"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    assert steps == list(range(11))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, ".hydra")}
+    assert artifacts == {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+    assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_multirun_groups_jobs_and_carries_on_after_a_diverged_one(tmp_path: Path):
+    overrides = ["model=mlp", "width=2", "epochs=2", "graph=off", "optimizer.lr=1e6,0.05"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, runs = runs_in(tmp_path)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    by_lr = {r.data.params["optimizer.lr"]: r for r in runs}
+    assert by_lr["1000000.0"].data.tags["diverged"] == "true"
+    assert "diverged" not in by_lr["0.05"].data.tags
+    sweeps = {r.data.tags["mlflow_tg.sweep"] for r in runs}
+    assert len(sweeps) == 1 and sweeps.pop().startswith("multirun/")
+    assert {r.data.tags["mlflow_tg.sweep_job"] for r in runs} == {"0", "1"}

@@ -1,0 +1,100 @@
+"""Training runs land in a real MLflow store with the params, metrics and artifacts promised."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+from mlflow.entities import RunStatus
+
+import mlflow_tg.training as training
+from mlflow_tg.training import train
+from tests.conftest import CONF_DIR, all_runs
+
+TRAINING_METRICS = ["train_loss", "train_acc", "epoch_time_s", "lr"]
+MODELS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_trains_one_epoch_on_digits(make_cfg, client, model):
+    result = train(make_cfg(f"model={model}", "graph=off"))
+    assert 0 <= result["test_acc"] <= 1 and math.isfinite(result["test_loss"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == model
+
+
+def test_run_records_params_tags_every_epoch_and_history(make_cfg, client):
+    result = train(make_cfg("model=mlp", "epochs=3", "graph=off", "seed=7"))
+    run = client.get_run(result["run_id"])
+    assert run.info.run_name == "mlp-w2-s7"
+    params = run.data.params
+    assert params["width"] == "2" and params["optimizer.lr"] == "0.05"
+    assert params["data.name"] == "digits" and params["model.hidden_multipliers"] == "[8, 4]"
+    tags = run.data.tags
+    assert tags["mlflow_tg.version"] and len(tags["mlflow_tg.config_id"]) == 12
+    assert "mlflow_tg.git_commit" in tags
+    for key in TRAINING_METRICS:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3], key
+    for key in ("val_loss", "val_acc"):  # epoch 0 is the untrained network
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [0, 1, 2, 3], key
+    assert run.data.metrics["test_acc"] == pytest.approx(result["test_acc"])
+    history = read_history(client, run.info.run_id)
+    assert history["epoch"].to_list() == [0, 1, 2, 3]
+    assert history["val_acc"].to_list() == pytest.approx(
+        [m.value for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    )
+
+
+def read_history(client, run_id: str) -> pl.DataFrame:
+    path = client.download_artifacts(run_id, "history.parquet")
+    return pl.read_parquet(path)
+
+
+def test_same_seed_gives_identical_metrics(make_cfg):
+    first = train(make_cfg("model=lenet", "epochs=2", "graph=off"))
+    second = train(make_cfg("model=lenet", "epochs=2", "graph=off"))
+    assert first["test_loss"] == second["test_loss"]
+
+
+def test_cosine_schedule_reaches_zero(make_cfg, client):
+    result = train(make_cfg("model=mlp", "epochs=2", "lr_schedule=cosine", "graph=off"))
+    lrs = [m.value for m in client.get_metric_history(result["run_id"], "lr")]
+    assert sorted(lrs, reverse=True) == pytest.approx([0.05, 0.025])
+
+
+def test_diverging_run_is_tagged_keeps_finite_metrics_and_finishes(make_cfg, client):
+    result = train(make_cfg("model=mlp", "epochs=4", "optimizer.lr=1e6", "graph=off"))
+    run = client.get_run(result["run_id"])
+    assert result["diverged"] and run.data.tags["diverged"] == "true"
+    assert run.info.status == "FINISHED"
+    diverged_at = int(run.data.tags["mlflow_tg.diverged_epoch"])
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert all(math.isfinite(m.value) for m in history)
+    assert [m.step for m in history] == list(range(1, diverged_at))
+
+
+def test_failure_ends_the_run_failed_with_the_message(make_cfg, client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(training, "evaluate", broken)
+    with pytest.raises(RuntimeError):
+        train(make_cfg("model=mlp", "graph=off"))
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlflow_tg.error"] == "RuntimeError: disk on fire"
+
+
+def test_ctrl_c_ends_the_run_killed(make_cfg, client, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg("model=mlp", "graph=off"))
+    (run,) = all_runs(client)
+    assert run.info.status == RunStatus.to_string(RunStatus.KILLED)

@@ -1,0 +1,25 @@
+"""Train one network, tracked in MLflow: ``python train.py model=resnet width=16``."""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from mlflow_tg.config import ConfigError
+from mlflow_tg.data import DataNotFoundError
+from mlflow_tg.training import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Run the job; return the final test accuracy (the value a Hydra sweeper optimises)."""
+    try:
+        return train(cfg)["test_acc"]
+    except (ConfigError, DataNotFoundError) as error:
+        logging.getLogger("train").error("%s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
