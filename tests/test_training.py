@@ -98,3 +98,14 @@ def test_ctrl_c_ends_the_run_killed(make_cfg, client, monkeypatch):
         train(make_cfg("model=mlp", "graph=off"))
     (run,) = all_runs(client)
     assert run.info.status == RunStatus.to_string(RunStatus.KILLED)
+
+
+def test_tracking_server_receives_the_run(make_cfg, tracking_server):
+    from mlflow import MlflowClient
+
+    result = train(
+        make_cfg("model=mlp", "graph=off", "tracking=server", f"tracking.uri={tracking_server}")
+    )
+    run = MlflowClient(tracking_server).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["test_acc"] == result["test_acc"]
+    assert read_history(MlflowClient(tracking_server), run.info.run_id)["epoch"].to_list() == [0, 1]
