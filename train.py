@@ -16,7 +16,7 @@ def main(cfg: DictConfig) -> float:
     """Run the job; return the final test accuracy (the value a Hydra sweeper optimises)."""
     try:
         return train(cfg)["test_acc"]
-    except (ConfigError, DataNotFoundError) as error:
+    except (ConfigError, DataNotFoundError) as error:  # bad input: no run was created
         logging.getLogger("train").error("%s", error)
         sys.exit(2)
 

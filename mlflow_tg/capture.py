@@ -1,11 +1,12 @@
 """Per-epoch graph capture: model → rolled graph → centralities → summaries → MLflow.
 
-At initialisation (epoch 0) and every ``every_n_epochs`` epochs after it, the network's rolled
-graph is rebuilt from the current weights, its centralities computed, and three things logged:
-``graph/nodes/epoch_NNN.parquet`` (one row per node), ``graph/layers/epoch_NNN.parquet`` (one row
-per layer) and the compact ``tg.*`` summary metrics, returned to the caller so they go out in the
-same batch call as the epoch's training metrics. At the end of the run a figure of the summary
-trajectories is logged as ``graph/dynamics.png``.
+At initialisation (epoch 0) and every ``every_n_epochs`` epochs after it, the edge weights of the
+network's rolled graph are refreshed from the current parameters, the configured centralities
+computed, and three things logged: ``graph/nodes/epoch_NNN.parquet`` (one row per vertex),
+``graph/layers/epoch_NNN.parquet`` (one row per layer) and the compact ``tg.*`` summary metrics,
+returned to the caller so that they go out in the same batch call as the epoch's training
+metrics. At the end of the run a figure of the summary trajectories is logged as
+``graph/dynamics.png``.
 """
 
 from __future__ import annotations
@@ -16,58 +17,45 @@ import time
 from pathlib import Path
 
 import mlflow
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mlflow_tg.centrality import compute_centralities, set_threads
+from mlflow_tg.figures import trajectory_figure
+from mlflow_tg.graph import NonFiniteWeightsError, RolledGraphBuilder
+from mlflow_tg.summaries import layer_table, node_table, summary_metrics
 from mlflow_tg.tracking import RunLogger
 
 log = logging.getLogger(__name__)
-TRAJECTORY_STATS = ("mean", "std", "gini")
+SKIPPED_TAG = "tg.capture_skipped_epochs"
 
 
 class GraphCapture:
     """Captures the rolled graph of one model through one run."""
 
-    def __init__(
-        self, cfg: DictConfig, model: nn.Module, input_shape: tuple[int, ...], run: RunLogger
-    ) -> None:
-        from mlflow_tg.centrality import set_threads
-        from mlflow_tg.graph import RolledGraphBuilder
-
-        self.cfg, self.run = cfg, run
+    def __init__(self, cfg: DictConfig, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Trace the model's structure; raises GraphUnsupportedError before any run starts."""
+        self.cfg = cfg
         set_threads(cfg.threads)
         self.builder = RolledGraphBuilder(model, input_shape, fold_batchnorm=cfg.fold_batchnorm)
         self.trajectory: list[dict[str, float]] = []
         self.skipped: list[int] = []
 
-    @classmethod
-    def from_config(
-        cls, cfg: DictConfig, model: nn.Module, input_shape: tuple[int, ...], run: RunLogger
-    ) -> GraphCapture | Disabled:
-        """A capture for the run, or a stand-in that does nothing when ``graph.enabled=false``."""
-        return cls(cfg, model, input_shape, run) if cfg.enabled else Disabled()
-
-    def maybe(self, epoch: int, model: nn.Module) -> dict[str, float]:
-        """Capture at epoch 0 and every ``every_n_epochs``; return the summary metrics."""
+    def maybe(self, epoch: int, model: nn.Module, run: RunLogger) -> dict[str, float]:
+        """Capture at epoch 0 and every ``every_n_epochs``; return the metrics to log."""
         if epoch % self.cfg.every_n_epochs:
             return {}
-        return self.capture(epoch, model)
+        return self.capture(epoch, model, run)
 
-    def capture(self, epoch: int, model: nn.Module) -> dict[str, float]:
-        """Build, measure and log the graph of ``model`` as it is now."""
-        from mlflow_tg.centrality import compute_centralities
-        from mlflow_tg.graph import NonFiniteWeightsError
-        from mlflow_tg.summaries import layer_table, node_table, summary_metrics
-
+    def capture(self, epoch: int, model: nn.Module, run: RunLogger) -> dict[str, float]:
+        """Measure the graph of ``model`` as it is now and log its tables."""
         start = time.perf_counter()
         try:
-            with torch.no_grad():
-                graph = self.builder.build(model)
+            graph = self.builder.build(model)
         except NonFiniteWeightsError as error:
             log.warning("epoch %d: graph capture skipped, %s", epoch, error)
             self.skipped.append(epoch)
-            self.run.set_tag("tg.capture_skipped_epochs", ",".join(map(str, self.skipped)))
+            run.set_tag(SKIPPED_TAG, ",".join(map(str, self.skipped)))
             return {}
         centralities = compute_centralities(
             graph,
@@ -75,41 +63,48 @@ class GraphCapture:
             pivots=self.cfg.pivots,
             sources=self.cfg.sources,
             seed=self.cfg.seed,
+            adjacency=self.builder.adjacency(),
         )
-        nodes = node_table(graph, centralities)
+        nodes = node_table(self.builder.nodes, centralities)
+        metrics = summary_metrics(nodes, graph.num_edges())
         if self.cfg.node_tables:
-            self.run.log_table(nodes, f"graph/nodes/epoch_{epoch:03d}.parquet")
-        self.run.log_table(layer_table(nodes), f"graph/layers/epoch_{epoch:03d}.parquet")
+            run.log_table(nodes, f"graph/nodes/epoch_{epoch:03d}.parquet")
+        run.log_table(layer_table(nodes), f"graph/layers/epoch_{epoch:03d}.parquet")
         if self.cfg.save_graph:
-            self.save_graph(graph, epoch)
-        metrics = summary_metrics(nodes)
-        metrics["tg.capture_time_s"] = time.perf_counter() - start
+            save_graph(graph, epoch, run)
         self.trajectory.append({"epoch": epoch, **metrics})
-        return metrics
+        # not a tg.* key: timing is not a property of the network, so no predictor feature
+        return metrics | {"capture_time_s": time.perf_counter() - start}
 
-    def save_graph(self, graph, epoch: int) -> None:
-        """Log the graph itself in graph-tool's format."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"epoch_{epoch:03d}.gt.gz"
-            graph.save(str(path))
-            mlflow.log_artifact(str(path), "graph/graphs", run_id=self.run.run_id)
-
-    def finish(self) -> None:
+    def finish(self, run: RunLogger) -> None:
         """Log the figure of the summary trajectories."""
-        if len(self.trajectory) == 0:
+        if not self.trajectory:
             return
-        from mlflow_tg.figures import trajectory_figure
-
-        figure = trajectory_figure(self.trajectory, list(self.cfg.centralities), TRAJECTORY_STATS)
-        mlflow.log_figure(figure, "graph/dynamics.png", run_id=self.run.run_id)
+        figure = trajectory_figure(self.trajectory, list(self.cfg.centralities))
+        run.log_figure(figure, "graph/dynamics.png")
 
 
-class Disabled:
+def save_graph(graph, epoch: int, run: RunLogger) -> None:
+    """Log the graph itself, weights included, in graph-tool's format."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"epoch_{epoch:03d}.gt.gz"
+        graph.save(str(path))
+        mlflow.log_artifact(str(path), "graph/graphs", run_id=run.run_id)
+
+
+class NoCapture:
     """Stand-in when graph capture is off."""
 
-    def maybe(self, epoch: int, model: nn.Module) -> dict[str, float]:
+    def maybe(self, epoch: int, model: nn.Module, run: RunLogger) -> dict[str, float]:
         """Capture nothing."""
         return {}
 
-    def finish(self) -> None:
+    def finish(self, run: RunLogger) -> None:
         """Log nothing."""
+
+
+def make_capture(
+    cfg: DictConfig, model: nn.Module, input_shape: tuple[int, ...]
+) -> GraphCapture | NoCapture:
+    """The capture the ``graph`` config asks for (``graph.enabled=false``: none)."""
+    return GraphCapture(cfg, model, input_shape) if cfg.enabled else NoCapture()

@@ -70,12 +70,26 @@ def check_config(cfg: DictConfig) -> None:
             f"lr_schedule={cfg.lr_schedule!r} is not allowed: choose one of {list(LR_SCHEDULES)}."
         )
     check_device(str(cfg.device))
-    if cfg.graph.enabled and (
-        not is_whole_number(cfg.graph.every_n_epochs) or cfg.graph.every_n_epochs < 1
-    ):
+    if cfg.graph.enabled:
+        check_graph(cfg.graph)
+
+
+def check_graph(graph: DictConfig) -> None:
+    """Reject graph-capture options that would fail mid-run or silently measure nothing."""
+    from mlflow_tg.centrality import CENTRALITIES
+
+    for key, minimum in (("every_n_epochs", 1), ("pivots", 1), ("sources", 1), ("threads", 0)):
+        value = graph.get(key)
+        if not is_whole_number(value) or value < minimum:
+            raise ConfigError(
+                f"graph.{key}={value!r} is not allowed: it must be a whole number ≥ {minimum}."
+            )
+    chosen = graph.centralities
+    unknown = [name for name in chosen if name not in CENTRALITIES]
+    if unknown or len(chosen) == 0:
         raise ConfigError(
-            f"graph.every_n_epochs={cfg.graph.every_n_epochs!r} is not allowed: it must be a "
-            "whole number ≥ 1 (1 captures every epoch)."
+            f"graph.centralities={list(chosen)!r} is not allowed: choose one or more of "
+            f"{list(CENTRALITIES)} (or graph.enabled=false to capture nothing)."
         )
 
 

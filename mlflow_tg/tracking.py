@@ -108,6 +108,10 @@ class RunLogger:
             folder = str(Path(artifact_path).parent)
             mlflow.log_artifact(str(path), None if folder == "." else folder, run_id=self.run_id)
 
+    def log_figure(self, figure: Any, artifact_path: str) -> None:
+        """Log a matplotlib figure as an image artifact."""
+        mlflow.MlflowClient().log_figure(self.run_id, figure, artifact_path)
+
     def set_tag(self, key: str, value: Any) -> None:
         """Set a run tag, truncated to a length every MLflow backend accepts."""
         mlflow.MlflowClient().set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH])

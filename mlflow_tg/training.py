@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from mlflow_tg.capture import GraphCapture, NoCapture, make_capture
 from mlflow_tg.config import check_config, resolve_device
 from mlflow_tg.data import ImageData, ImageSplit, batches, load_data
 from mlflow_tg.models import build_model
@@ -113,7 +114,8 @@ def seed_everything(seed: int) -> torch.Generator:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job tracked in MLflow; return its final metrics.
 
-    The config is checked before any data is loaded or any run is created.
+    The config is checked before any data is loaded, and the model's graph traced, before any
+    run is created: bad input never leaves a run behind.
     """
     check_config(cfg)
     if cfg.num_threads:
@@ -126,8 +128,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(
         name, cfg.width, data.in_channels, data.image_size, data.num_classes, **options
     ).to(device)
+    capture = make_capture(cfg.graph, model, data.input_shape())
     with tracked_run(cfg) as run:
-        return fit(cfg, model, data, device, generator, run)
+        return fit(cfg, model, data, device, generator, run, capture)
 
 
 def fit(
@@ -137,15 +140,14 @@ def fit(
     device: torch.device,
     generator: torch.Generator,
     run: RunLogger,
+    capture: GraphCapture | NoCapture,
 ) -> dict[str, Any]:
     """The epoch loop: epoch 0 is the initialisation, then ``cfg.epochs`` training epochs."""
-    from mlflow_tg.capture import GraphCapture
-
     optimizer = make_optimizer(cfg, model.parameters())
     schedule = make_schedule(cfg, optimizer)
-    capture = GraphCapture.from_config(cfg.graph, model, data.input_shape(), run)
     val = evaluate(model, data.val, data, cfg.batch_size, device)
-    run.log_epoch(0, {"val_loss": val.loss, "val_acc": val.accuracy} | capture.maybe(0, model))
+    initial = {"val_loss": val.loss, "val_acc": val.accuracy}
+    run.log_epoch(0, initial | capture.maybe(0, model, run))
     last_epoch, diverged = 0, False
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
@@ -170,7 +172,7 @@ def fit(
             "epoch_time_s": time.perf_counter() - start,
             "lr": lr,
         }
-        run.log_epoch(epoch, metrics | capture.maybe(epoch, model))
+        run.log_epoch(epoch, metrics | capture.maybe(epoch, model, run))
         last_epoch = epoch
         log.info(
             "epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  (%.1f s)",
@@ -179,7 +181,7 @@ def fit(
         )
     test = evaluate(model, data.test, data, cfg.batch_size, device)
     run.log_final({"test_loss": test.loss, "test_acc": test.accuracy}, step=last_epoch)
-    capture.finish()
+    capture.finish(run)
     log.info("test_loss %.4f  test_acc %.4f  (run %s)", test.loss, test.accuracy, run.run_id)
     return {
         "test_loss": test.loss,

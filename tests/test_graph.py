@@ -1,0 +1,423 @@
+"""The rolled graph: hand-built networks against graphs written out by hand, real models counted."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.mobilenetv3 import InvertedResidual
+from torchvision.ops.misc import SqueezeExcitation
+
+from mlflow_tg.graph import GraphUnsupportedError, NonFiniteWeightsError, RolledGraphBuilder
+from mlflow_tg.models import build_model
+from tests.conftest import CONF_DIR, compose_config
+
+
+def labelled_edges(model: nn.Module, input_shape, **options) -> dict:
+    """{(upstream (layer, channel), downstream (layer, channel)): weight} of the rolled graph."""
+    builder = RolledGraphBuilder(model, input_shape, **options)
+    graph = builder.build(model)
+    layers, channels = builder.nodes["layer"].to_list(), builder.nodes["channel"].to_list()
+    edges = {}
+    for src, dst, weight in graph.get_edges([graph.ep["weight"]]):
+        key = ((layers[int(src)], channels[int(src)]), (layers[int(dst)], channels[int(dst)]))
+        assert key not in edges, f"parallel edge {key}"
+        edges[key] = weight
+    return edges
+
+
+def assert_same_graph(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    for key, weight in expected.items():
+        assert actual[key] == pytest.approx(float(weight), rel=1e-6), key
+
+
+def seeded(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights and BatchNorm statistics, so that folding has something to fold."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.dtype.is_floating_point:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+    return module
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach()
+
+
+def test_mlp_edges_are_absolute_weights():
+    model = seeded(nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Dropout(), nn.Linear(2, 2)))
+    w1, w2 = model[0].weight.detach(), model[3].weight.detach()
+    expected = {(("input", i), ("0", o)): abs(w1[o, i]) for o in range(2) for i in range(3)}
+    expected |= {(("0", i), ("3", o)): abs(w2[o, i]) for o in range(2) for i in range(2)}
+    assert_same_graph(labelled_edges(model, (3,)), expected)
+
+
+class ConvNet(nn.Module):
+    """conv (2→3, 2×2) → BatchNorm → ReLU → max-pool → flatten → linear (3·2·2 → 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.bn = nn.BatchNorm2d(3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn(self.conv(x))))  # (B, 3, 2, 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_conv_kernel_norms_batchnorm_fold_and_flatten_positions(fold: bool):
+    model = seeded(ConvNet())
+    w, fc = model.conv.weight.detach(), model.fc.weight.detach()
+    scale = bn_scale(model.bn) if fold else torch.ones(3)
+    expected = {
+        (("input", j), ("conv", o)): w[o, j].norm() * scale[o] for o in range(3) for j in range(2)
+    }
+    # the flattened features of channel c are fc's columns 4c … 4c+3 (2×2 positions)
+    expected |= {
+        (("conv", c), ("fc", n)): fc[n, 4 * c : 4 * c + 4].norm()
+        for n in range(2)
+        for c in range(3)
+    }
+    assert_same_graph(labelled_edges(model, (2, 5, 5), fold_batchnorm=fold), expected)
+
+
+def test_grouped_and_depthwise_convolutions_join_only_their_group():
+    model = seeded(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, groups=4)))
+    grouped, depthwise = model[0].weight.detach(), model[1].weight.detach()
+    expected = {
+        (("input", 2 * (o // 2) + j), ("0", o)): grouped[o, j].norm()
+        for o in range(4)
+        for j in range(2)
+    }
+    expected |= {(("0", o), ("1", o)): depthwise[o, 0].norm() for o in range(4)}
+    assert_same_graph(labelled_edges(model, (4, 8, 8)), expected)
+
+
+class Residual(nn.Module):
+    """stem → [conv1 → conv2 → bn2] + shortcut(stem), where shortcut is identity or 1×1 conv."""
+
+    def __init__(self, project: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 1)
+        self.conv1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2)
+        self.shortcut = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)) if project else None
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        out = torch.relu(self.bn2(self.conv2(torch.relu(self.conv1(x)))) + shortcut)
+        return self.head(out.mean([2, 3]))
+
+
+def residual_expected(model: Residual) -> dict:
+    """The edges every variant shares: block output channels are conv2's (bn2 folded in)."""
+    stem, c1, c2 = (m.weight.detach() for m in (model.stem, model.conv1, model.conv2))
+    s2, head = bn_scale(model.bn2), model.head.weight.detach()
+    expected = {(("input", 0), ("stem", o)): stem[o, 0].norm() for o in range(2)}
+    expected |= {(("stem", j), ("conv1", o)): c1[o, j].norm() for o in range(2) for j in range(2)}
+    expected |= {
+        (("conv1", j), ("conv2", o)): c2[o, j].norm() * s2[o] for o in range(2) for j in range(2)
+    }
+    expected |= {(("conv2", c), ("head", 0)): abs(head[0, c]) for c in range(2)}
+    return expected
+
+
+def test_identity_shortcut_joins_channel_i_to_channel_i_with_weight_one():
+    model = seeded(Residual(project=False))
+    expected = residual_expected(model) | {(("stem", i), ("conv2", i)): 1.0 for i in range(2)}
+    assert_same_graph(labelled_edges(model, (1, 4, 4)), expected)
+
+
+def test_projection_shortcut_is_a_1x1_conv_into_the_block_output():
+    model = seeded(Residual(project=True))
+    projection, scale = model.shortcut[0].weight.detach(), bn_scale(model.shortcut[1])
+    expected = residual_expected(model) | {
+        (("stem", j), ("conv2", o)): projection[o, j].norm() * scale[o]
+        for o in range(2)
+        for j in range(2)
+    }
+    assert_same_graph(labelled_edges(model, (1, 4, 4)), expected)
+
+
+class Dense(nn.Module):
+    """DenseNet-style: a = conv_a(x); y = conv_b(relu(bn(cat[x, a]))); gate-free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(1, 2, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv_b = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([x, self.conv_a(x)], 1)
+        return self.conv_b(torch.relu(self.bn(features)))
+
+
+def test_batchnorm_of_a_concatenation_scales_the_edges_of_the_next_layer():
+    model = seeded(Dense())
+    a, b, scale = model.conv_a.weight.detach(), model.conv_b.weight.detach(), bn_scale(model.bn)
+    sources = [("input", 0), ("conv_a", 0), ("conv_a", 1)]  # the concatenation's channels
+    expected = {(("input", 0), ("conv_a", o)): a[o, 0].norm() for o in range(2)}
+    expected |= {
+        (source, ("conv_b", o)): b[o, j].norm() * scale[j]
+        for o in range(2)
+        for j, source in enumerate(sources)
+    }
+    assert_same_graph(labelled_edges(model, (1, 3, 3)), expected)
+
+
+class Gated(nn.Module):
+    """Squeeze-excitation: features × sigmoid(excite(relu(squeeze(avgpool(features)))))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(1, 2, 1)
+        self.squeeze = nn.Conv2d(2, 1, 1)
+        self.excite = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.features(x))
+        pooled = nn.functional.adaptive_avg_pool2d(features, 1)
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(pooled))))
+        return gate * features
+
+
+def test_gate_product_joins_the_gated_features_to_the_gate_channels():
+    model = seeded(Gated())
+    f, sq, ex = (m.weight.detach() for m in (model.features, model.squeeze, model.excite))
+    expected = {(("input", 0), ("features", o)): f[o, 0].norm() for o in range(2)}
+    expected |= {(("features", j), ("squeeze", 0)): sq[0, j].norm() for j in range(2)}
+    expected |= {(("squeeze", 0), ("excite", o)): ex[o, 0].norm() for o in range(2)}
+    expected |= {(("features", i), ("excite", i)): 1.0 for i in range(2)}
+    assert_same_graph(labelled_edges(model, (1, 3, 3)), expected)
+
+
+def test_sum_of_two_shared_tensors_gets_vertices_of_its_own():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            a = self.a(x)
+            b = self.b(a)
+            return torch.cat([a + b, b], 1)  # a and b are read elsewhere too
+
+    builder = RolledGraphBuilder(Shared(), (1, 2, 2))
+    kinds = builder.nodes.group_by("kind").len().sort("kind")
+    assert dict(kinds.iter_rows()) == {"input": 1, "conv": 4, "add": 2}
+
+
+class Transposed(nn.Module):
+    def forward(self, x):
+        return torch.transpose(x, 1, 2)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize(
+    ("model", "input_shape", "named"),
+    [
+        (nn.Sequential(nn.Conv2d(1, 2, 1), Transposed()), (1, 2, 2), "'transpose'"),
+        (nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), (2,), "of type LayerNorm"),
+        (nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(2, 2)), (1, 2, 2), "non-flattened"),
+        (DataDependent(), (2,), "torch.fx cannot trace DataDependent"),
+        (nn.Sequential(nn.ReLU()), (2,), "no Conv or Linear layer"),
+    ],
+)
+def test_what_cannot_be_represented_fails_naming_the_operation(model, input_shape, named):
+    with pytest.raises(GraphUnsupportedError) as error:
+        RolledGraphBuilder(model, input_shape)
+    assert named in str(error.value) and "graph.enabled=false" in str(error.value)
+
+
+def test_non_finite_weights_name_the_layer():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    builder = RolledGraphBuilder(model, (2,))
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteWeightsError, match=r"from 2$"):
+        builder.build(model)
+
+
+def test_weights_follow_training_and_tracing_changes_nothing():
+    model = build_model("resnet", 2, 1, 16, 10)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    builder = RolledGraphBuilder(model, (1, 16, 16))
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    before = builder.build(model).ep["weight"].a.copy()
+    with torch.no_grad():
+        model.fc.weight.mul_(2)
+    after = builder.build(model).ep["weight"].a
+    changed = ~np.isclose(before, after)
+    assert changed.sum() == model.fc.weight.numel()
+    np.testing.assert_allclose(after[changed], 2 * before[changed], rtol=1e-6)
+
+
+def conv_layers(model: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def linear_layers(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def expected_counts(model: nn.Module, flattened_positions: int = 1) -> tuple[int, int]:
+    """Vertices and edges counted from the modules, independently of the tracer."""
+    convs, linears = conv_layers(model), linear_layers(model)
+    merged = [m for name, m in model.named_modules() if name.endswith("downsample.0")]
+    vertices = 3 + sum(c.out_channels for c in convs if c not in merged)
+    vertices += sum(lin.out_features for lin in linears)
+    edges = sum(c.out_channels * c.in_channels // c.groups for c in convs)
+    edges += linears[0].out_features * linears[0].in_features // flattened_positions
+    edges += sum(lin.out_features * lin.in_features for lin in linears[1:])
+    return vertices, edges
+
+
+def resnet_identity_joins(model: torchvision.models.ResNet) -> int:
+    blocks = [m for m in model.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    return sum(b.conv2.out_channels for b in blocks if b.downsample is None)
+
+
+def mobilenet_joins(model: nn.Module) -> int:
+    gates = sum(m.fc2.out_channels for m in model.modules() if isinstance(m, SqueezeExcitation))
+    residuals = sum(
+        m.out_channels
+        for m in model.modules()
+        if isinstance(m, InvertedResidual) and m.use_res_connect
+    )
+    return gates + residuals
+
+
+@pytest.mark.parametrize(
+    ("name", "joins", "positions"),
+    [
+        ("resnet18", resnet_identity_joins, 1),
+        ("mobilenet_v3_small", mobilenet_joins, 1),
+        ("densenet121", lambda model: 0, 1),
+        ("vgg11", lambda model: 0, 49),  # its classifier reads a 7×7 average-pooled map
+    ],
+)
+def test_torchvision_models_have_the_counted_vertices_and_edges(name, joins, positions):
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    builder = RolledGraphBuilder(model, (3, 32, 32))
+    graph = builder.build(model)
+    vertices, edges = expected_counts(model, positions)
+    assert graph.num_vertices() == vertices
+    assert graph.num_edges() == edges + joins(model)
+    weights = graph.ep["weight"].a
+    assert np.isfinite(weights).all() and (weights >= 0).all() and np.median(weights) > 0
+
+
+def test_resnet18_downsample_edges_carry_the_projection_and_its_batchnorm():
+    model = seeded(torchvision.models.resnet18(num_classes=10).eval())
+    edges = labelled_edges(model, (3, 32, 32))
+    block = model.layer2[0]
+    projection, scale = block.downsample[0].weight.detach(), bn_scale(block.downsample[1])
+    # layer1's output vertices are layer1.1.conv2's; layer2.0's are layer2.0.conv2's
+    key = (("layer1.1.conv2", 5), ("layer2.0.conv2", 7))
+    assert edges[key] == pytest.approx(float(projection[7, 5].norm() * scale[7]), rel=1e-6)
+    stem = model.conv1.weight.detach()
+    assert edges[(("input", 1), ("conv1", 4))] == pytest.approx(
+        float(stem[4, 1].norm() * bn_scale(model.bn1)[4]), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml")))
+def test_every_configured_model_has_a_rolled_graph(name: str):
+    cfg = compose_config([f"model={name}", "width=2"])
+    options = {k: v for k, v in cfg.model.items() if k != "name"}
+    model = build_model(name, 2, 1, 32, 10, **options)
+    builder = RolledGraphBuilder(model, (1, 32, 32))
+    graph = builder.build(model)
+    vertices = 1 + sum(c.out_channels for c in conv_layers(model))
+    vertices += sum(lin.out_features for lin in linear_layers(model))
+    vertices -= sum(m[0].out_channels for n, m in model.named_modules() if n.endswith("shortcut")
+                    and isinstance(m, nn.Sequential))  # fmt: skip
+    assert graph.num_vertices() == vertices
+    assert builder.nodes["layer_index"].max() + 1 == builder.nodes["layer"].n_unique()
+
+
+class OneConvResidual(nn.Module):
+    """x + conv(x): the identity join runs beside conv's own edge i → i (parallel edges)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 3, 1), nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.conv(x) + x
+
+
+class Repeated(nn.Module):
+    """A grouped conv reading cat([x, x]): one vertex feeds a layer twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 2, 1), nn.Conv2d(4, 4, 1, groups=2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.conv(torch.cat([x, x], 1))
+
+
+@pytest.mark.parametrize(
+    ("model", "input_shape"),
+    [
+        (build_model("resnet", 2, 1, 16, 10), (1, 16, 16)),
+        (OneConvResidual(), (1, 4, 4)),
+        (Repeated(), (1, 2, 2)),
+        (Dense(), (1, 3, 3)),
+        (torchvision.models.mobilenet_v3_small(num_classes=10), (3, 32, 32)),
+    ],
+)
+def test_block_products_equal_graph_tools_adjacency(model, input_shape):
+    from graph_tool import GraphView, spectral
+
+    builder = RolledGraphBuilder(seeded(model), input_shape)
+    graph = builder.build(model)
+    weight = graph.ep["weight"]
+    undirected = spectral.adjacency(graph, weight=weight)
+    flow = spectral.adjacency(GraphView(graph, directed=True), weight=weight)
+    adjacency = builder.adjacency()
+    x = np.random.default_rng(0).random((graph.num_vertices(), 3))
+    np.testing.assert_allclose(adjacency.undirected @ x, undirected @ x, rtol=1e-12)
+    np.testing.assert_allclose(adjacency.flow @ x, flow @ x, rtol=1e-12)
+    np.testing.assert_allclose(adjacency.flow.T @ x, flow.T @ x, rtol=1e-12)
+
+
+def test_centralities_from_block_products_equal_those_from_graph_tool_matrices():
+    from mlflow_tg.centrality import compute_centralities
+
+    model = seeded(torchvision.models.mobilenet_v3_small(num_classes=10))
+    builder = RolledGraphBuilder(model, (3, 32, 32))
+    graph = builder.build(model)
+    names = ["strength", "eigenvector", "pagerank", "katz", "hits_authority"]
+    fast = compute_centralities(graph, names, adjacency=builder.adjacency())
+    exported = compute_centralities(graph, names)
+    for name in names:
+        np.testing.assert_allclose(fast[name], exported[name], rtol=1e-6, atol=1e-12, err_msg=name)
