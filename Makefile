@@ -12,7 +12,7 @@ APT_PACKAGES := python3-graph-tool python3-venv
 PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test lint format bench population predictor serve ui clean
+.PHONY: setup run test lint format bench population predictor serve predict ui clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ predictor: setup
 serve: setup
 	MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve \
 	  -m "models:/tg-performance-predictor@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
+
+# make predict RUN=<run id> [ENDPOINT=http://127.0.0.1:5001]
+predict: setup
+	$(PY) -m mlflow_tg.cli predict --run-id "$(RUN)" $(if $(ENDPOINT),--endpoint $(ENDPOINT))
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db

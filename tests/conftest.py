@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from mlflow_tg.config import CONF_DIR, compose_config
+from mlflow_tg.serving import free_port, running_server
 
 __all__ = ["CONF_DIR", "all_runs", "compose_config"]
 
@@ -53,56 +55,82 @@ def all_runs(client: MlflowClient, experiment: str = "tests") -> list:
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now, on loopback."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_ready(url: str, process, timeout_s: float = 120.0) -> None:
-    """Poll ``url`` until it answers 200; fail with the process's output if it dies."""
-    import time
-
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read()}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
 @pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory):
     """A real ``mlflow server`` on a free loopback port, stopped after the tests."""
-    import subprocess
-    import sys
-
     folder = tmp_path_factory.mktemp("server")
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-            "--artifacts-destination", str(folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}/health", process)
+    arguments = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    health = f"http://127.0.0.1:{port}/health"
+    with running_server(arguments, health, folder / "server.log"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+
+
+POPULATION_GRID = {
+    "model": ["mlp", "lenet"],
+    "width": [2, 3],
+    "optimizer.lr": [0.003, 0.05, 0.3],
+    "seed": [0, 1],
+}
+
+
+@pytest.fixture(scope="session")
+def population(tmp_path_factory) -> dict[str, str]:
+    """A small real population: 24 tiny networks trained 4 epochs on digits, graph captured.
+
+    Half of them learn (final accuracy 0.7-0.85), half stay near chance: the two clusters of
+    a real sweep.
+    """
+    import itertools
+
+    from mlflow_tg.training import train
+
+    folder = tmp_path_factory.mktemp("population")
+    store = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "artifacts": str(folder / "artifacts")}
+    for values in itertools.product(*POPULATION_GRID.values()):
+        choices = [f"{key}={value}" for key, value in zip(POPULATION_GRID, values, strict=True)]
+        train(
+            compose_config(
+                [
+                    *choices,
+                    "epochs=4",
+                    "device=cpu",
+                    "batch_size=32",
+                    "graph.threads=1",
+                    "graph.node_tables=false",
+                    f"tracking.uri={store['uri']}",
+                    f"tracking.artifact_root={store['artifacts']}",
+                    "tracking.experiment=population",
+                ]
+            )
+        )
+    return store
+
+
+def predictor_config(store: dict[str, str], *overrides: str) -> DictConfig:
+    """The real predictor config, shrunk: k=2, a small CatBoost, the population's store."""
+    return compose_config(
+        [
+            "k=2",
+            "catboost.iterations=60",
+            "catboost.thread_count=1",
+            "holdout_fraction=0.4",
+            f"tracking.uri={store['uri']}",
+            f"tracking.artifact_root={store['artifacts']}",
+            *overrides,
+        ],
+        name="predictor",
+    )
+
+
+@pytest.fixture(scope="session")
+def champion(population) -> dict:
+    """The predictor fitted once on the population and registered as champion."""
+    from mlflow_tg.predictor import fit_predictor
+
+    return fit_predictor(predictor_config(population))

@@ -1,0 +1,197 @@
+"""Predictor quality on a population, next to its baselines, and the serving latency.
+
+    python bench/predictor_quality.py [--tracking-uri sqlite:///mlflow.db]
+        [--experiment population] [--ks 1 2 3 5] [--folds 5] [--requests 200]
+
+Reads the finished runs of the population (``python train.py -m +experiment=population``, made
+once, then reused). For each k and each feature set: out-of-fold predictions from grouped
+cross-validation (seed-twins share a fold, so no model sees a twin of a run it scores) and
+their R², MAE (accuracy points), Spearman ρ and Kendall τ, on all runs and on the non-trivial
+ones (final accuracy > 0.5); next to the baselines a sweep would use anyway: ranking by
+``val_acc`` at epoch k, and by minus the summed training loss (training speed, Ru et al.
+2021). Width transfer: fitted on the narrower half of the widths, scored on the wider half.
+The noise ceiling: how well one seed's final accuracy ranks its twin's. Then the latency of
+the k=3 combined model: 200 single-row requests to ``mlflow models serve`` on loopback, and
+in-process pyfunc predictions. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import requests
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+from mlflow_tg.config import compose_config
+from mlflow_tg.evaluation import (
+    grouped_folds,
+    narrow_half,
+    quality_by_subset,
+    seed_twin_agreement,
+)
+from mlflow_tg.features import FEATURE_SETS, columns_of
+from mlflow_tg.predictor import TARGET, build_dataset, fit
+from mlflow_tg.runs import load_runs
+from mlflow_tg.serving import free_port, request_body, running_server
+
+SETS = ["graph", "curve", "hparams", "curve+hparams", "graph+hparams", "graph+curve+hparams"]
+NONTRIVIAL = 0.5
+
+
+def out_of_fold(dataset, columns, folds, cfg) -> np.ndarray:
+    """Each run's prediction by the model fitted on the other folds."""
+    predicted = np.empty(dataset.frame.height)
+    for fold in np.unique(folds):
+        train = folds != fold
+        model = fit(dataset.matrix(columns, train), dataset.column(TARGET, train), cfg)
+        predicted[~train] = model.predict(dataset.matrix(columns, ~train))
+    return predicted
+
+
+def evaluate_k(records, k: int, cfg, folds_count: int) -> dict:
+    """Every feature set and both baselines at one k, cross-validated and width-transferred."""
+    dataset = build_dataset(records, k, "+".join(FEATURE_SETS))
+    folds = grouped_folds(dataset.groups, folds_count, cfg.seed)
+    narrow = narrow_half(dataset.frame["run_width"].to_list())
+    y = dataset.column(TARGET)
+    rows = {}
+    for sets in SETS:
+        columns = columns_of(dataset.feature_columns, sets)
+        predicted = out_of_fold(dataset, columns, folds, cfg)
+        rows[sets] = {"cv": quality_by_subset(y, predicted, NONTRIVIAL)}
+        model = fit(dataset.matrix(columns, narrow), y[narrow], cfg)
+        transferred = model.predict(dataset.matrix(columns, ~narrow))
+        rows[sets]["transfer"] = quality_by_subset(y[~narrow], transferred, NONTRIVIAL)
+    baselines = {f"val_acc@{k}": dataset.column(f"val_acc@{k}")}
+    if k >= 1:
+        baselines[f"-train_loss.sum@1..{k}"] = -dataset.column("train_loss.sum")
+    for name, score in baselines.items():
+        finite = np.nan_to_num(score, nan=-np.inf)  # a run without the metric ranks last
+        rows[name] = {
+            "cv": quality_by_subset(y, finite, NONTRIVIAL),
+            "transfer": quality_by_subset(y[~narrow], finite[~narrow], NONTRIVIAL),
+        }
+    return {"runs": dataset.frame.height, "left_out": dataset.left_out, "rows": rows}
+
+
+def print_k(k: int, result: dict) -> None:
+    """One table per k: each predictor on all runs and on non-trivial runs."""
+    print(f"\nk = {k}: {result['runs']} runs (left out: {result['left_out'] or 'none'})")
+    header = f"{'features':<26}{'split':<9}"
+    for subset in ("all", "nontrivial"):
+        header += "".join(f"{subset[:3] + ' ' + m:>11}" for m in ("R2", "MAE", "rho", "tau"))
+    print(header)
+    for name, splits in result["rows"].items():
+        for split, subsets in splits.items():
+            line = f"{name:<26}{split:<9}"
+            for subset in ("all", "nontrivial"):
+                q = subsets[subset]
+                line += "".join(
+                    f"{q[m]:>11.3f}" for m in ("r2", "mae_points", "spearman", "kendall_tau")
+                )
+            print(line)
+
+
+def save_combined_model(records, cfg, folder: Path) -> tuple[str, dict]:
+    """The k=3 graph+curve+hparams model saved as an MLflow model, and one feature row."""
+    dataset = build_dataset(records, 3, "graph+curve+hparams")
+    columns = columns_of(dataset.feature_columns, "graph+curve+hparams")
+    x = dataset.matrix(columns)
+    model = fit(x, dataset.column(TARGET), cfg)
+    path = folder / "model"
+    mlflow.catboost.save_model(
+        model, str(path), signature=infer_signature(x, model.predict(x)), input_example=x.head(1)
+    )
+    return str(path), x.iloc[0].to_dict()
+
+
+def timings_ms(call, repeats: int) -> dict[str, float]:
+    """Median and 99th percentile of ``repeats`` calls, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - start))
+    return {"median_ms": float(np.median(times)), "p99_ms": float(np.percentile(times, 99))}
+
+
+def latency(model_path: str, row: dict, repeats: int) -> dict:
+    """Endpoint round trips (keep-alive, loopback) and in-process pyfunc predictions."""
+    port = free_port()
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    arguments = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_path,
+                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    body = json.dumps(request_body(row))
+    headers = {"Content-Type": "application/json"}
+    url = f"http://127.0.0.1:{port}"
+    with running_server(arguments, f"{url}/ping", Path(model_path).parent / "serve.log", env):
+        session = requests.Session()
+        for _ in range(20):  # warm-up
+            session.post(f"{url}/invocations", data=body, headers=headers).raise_for_status()
+        endpoint = timings_ms(
+            lambda: session.post(f"{url}/invocations", data=body, headers=headers), repeats
+        )
+    loaded = mlflow.pyfunc.load_model(model_path)
+    frame = pd.DataFrame([row])
+    loaded.predict(frame)
+    return {"endpoint": endpoint, "in_process": timings_ms(lambda: loaded.predict(frame), repeats)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
+    parser.add_argument("--experiment", default="population")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 5])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    cfg = compose_config([], name="predictor")
+    mlflow.set_tracking_uri(args.tracking_uri)
+    start = time.perf_counter()
+    records = load_runs(MlflowClient(), args.experiment)
+    read_s = time.perf_counter() - start
+    print(f"{len(records)} finished runs of {args.experiment!r} read in {read_s:.1f} s")
+    print(f"CatBoost settings (conf/predictor.yaml): {dict(cfg.catboost)}")
+    finished = [r for r in records if TARGET in r.metrics]
+    accuracy = np.array([r.metrics[TARGET] for r in finished])
+    learned = accuracy > NONTRIVIAL
+    quartiles = np.round(np.quantile(accuracy, [0.25, 0.5, 0.75]), 3).tolist()
+    print(f"final accuracy: {learned.mean():.0%} of runs above {NONTRIVIAL}; quartiles {quartiles}")
+    twins = {}
+    for subset, keep in (("all", np.ones_like(learned)), ("nontrivial", learned)):
+        chosen = [run for run, kept in zip(finished, keep, strict=True) if kept]
+        twins[subset] = seed_twin_agreement(
+            [r.group for r in chosen], [r.params.get("seed") for r in chosen], accuracy[keep]
+        )
+    print(f"noise ceiling, seed-twin Kendall tau: {json.dumps(twins)}")
+    results = {}
+    for k in args.ks:
+        results[k] = evaluate_k(records, k, cfg, args.folds)
+        print_k(k, results[k])
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, row = save_combined_model(records, cfg, Path(tmp))
+        speed = latency(model_path, row, args.requests)
+    endpoint, local = speed["endpoint"], speed["in_process"]
+    print(
+        f"\nlatency of {args.requests} single-row predictions, k=3 graph+curve+hparams model "
+        f"({len(row)} features): endpoint median {endpoint['median_ms']:.2f} ms, p99 "
+        f"{endpoint['p99_ms']:.2f} ms; in-process median {local['median_ms']:.2f} ms, p99 "
+        f"{local['p99_ms']:.2f} ms"
+    )
+    quality = {str(k): v for k, v in results.items()}
+    summary = {"runs": len(records), "noise_ceiling": twins, "latency": speed, "quality": quality}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

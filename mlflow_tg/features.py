@@ -1,0 +1,207 @@
+"""Features of a run's first epochs: one function for fitting, serving clients and live runs.
+
+``run_features(history, params, k, sets)`` turns epochs 0..k of a run into one row. The sets:
+
+- ``graph``: every ``tg.*`` summary metric at epochs 0..k (``tg.strength.mean@0`` …), plus its
+  change (``@k - @0``), its least-squares slope over the window and its relative change
+  (``change / |@0|``, scale-free, so it carries across widths);
+- ``curve``: ``val_loss``/``val_acc`` at epochs 0..k, ``train_loss``/``train_acc`` at 1..k,
+  with the same change and slope, and ``train_loss.sum`` (the training-speed estimate of
+  Ru et al. 2021);
+- ``hparams``: the configuration: width, log10 of the learning rate, weight decay, momentum,
+  batch size, epochs, dropout, BatchNorm as numbers; model, optimizer, schedule and data set as
+  categories.
+
+Sets combine with ``+`` (``graph+curve+hparams``). Numbers are float64 (NaN where a run lacks
+one); categories are strings, so that MLflow's signature of a fitted model names and types
+every column and rejects requests that lack one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import pandas as pd
+import polars as pl
+
+FEATURE_SETS = ("graph", "curve", "hparams")
+CURVE_AT_EPOCH_ZERO = ("val_loss", "val_acc")
+CURVE_FROM_EPOCH_ONE = ("train_loss", "train_acc")
+NUMERIC_HPARAMS = {  # feature name: (param key, transform)
+    "width": ("width", float),
+    "log10_lr": ("optimizer.lr", lambda value: math.log10(float(value))),
+    "weight_decay": ("optimizer.weight_decay", float),
+    "momentum": ("optimizer.momentum", float),
+    "batch_size": ("batch_size", float),
+    "epochs": ("epochs", float),
+    "dropout": ("model.dropout", float),
+    "batch_norm": ("model.batch_norm", lambda value: float(value == "True")),
+}
+CATEGORICAL_HPARAMS = {
+    "model": "model.name",
+    "optimizer": "optimizer.name",
+    "lr_schedule": "lr_schedule",
+    "data": "data.name",
+}
+MISSING_CATEGORY = "none"
+
+
+class NotEnoughEpochsError(ValueError):
+    """A run has not logged the epochs the features need (yet)."""
+
+
+def parse_sets(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """``"graph+curve"`` or ``["graph", "curve"]`` → the sets in canonical order."""
+    names = spec.split("+") if isinstance(spec, str) else list(spec)
+    unknown = [name for name in names if name not in FEATURE_SETS]
+    if unknown or not names:
+        raise ValueError(
+            f"feature set {spec!r} is not allowed: combine one or more of {list(FEATURE_SETS)} "
+            "with '+' (for example graph+curve+hparams)."
+        )
+    return tuple(name for name in FEATURE_SETS if name in names)
+
+
+def set_name(sets: Iterable[str]) -> str:
+    """The canonical ``graph+curve+hparams`` name of some sets."""
+    return "+".join(parse_sets(sets))
+
+
+def by_epoch(history: Sequence[Mapping[str, float]]) -> dict[int, Mapping[str, float]]:
+    """History rows keyed by epoch."""
+    return {int(row["epoch"]): row for row in history}
+
+
+def require_epochs(rows: dict[int, Mapping[str, float]], k: int, run: str) -> None:
+    """Raise NotEnoughEpochsError unless epochs 0..k are all there."""
+    missing = [epoch for epoch in range(k + 1) if epoch not in rows]
+    if missing:
+        logged = len(rows)
+        raise NotEnoughEpochsError(
+            f"run {run} has {logged} epoch{'s' * (logged != 1)} logged "
+            f"({', '.join(map(str, sorted(rows))) or 'none'}) but the predictor needs epochs "
+            f"0..{k} ({k + 1} epochs, graph captured at each); missing {missing}. Wait for "
+            "the run to get further, or use a predictor fitted with a smaller k."
+        )
+
+
+def window(name: str, values: list[float], epochs: list[int]) -> dict[str, float]:
+    """Each value by epoch, plus change, slope and relative change over the window."""
+    features = {f"{name}@{epoch}": value for epoch, value in zip(epochs, values, strict=True)}
+    first, last = values[0], values[-1]
+    features[f"{name}.change"] = last - first
+    features[f"{name}.slope"] = slope(epochs, values)
+    features[f"{name}.relchange"] = (last - first) / abs(first) if first else math.nan
+    return features
+
+
+def slope(epochs: list[int], values: list[float]) -> float:
+    """Least-squares slope of ``values`` over ``epochs`` (NaN values left out)."""
+    points = [(e, v) for e, v in zip(epochs, values, strict=True) if math.isfinite(v)]
+    if len(points) < 2:
+        return math.nan
+    mean_e = sum(e for e, _ in points) / len(points)
+    mean_v = sum(v for _, v in points) / len(points)
+    spread = sum((e - mean_e) ** 2 for e, _ in points)
+    return sum((e - mean_e) * (v - mean_v) for e, v in points) / spread
+
+
+def graph_features(rows: dict[int, Mapping[str, float]], k: int) -> dict[str, float]:
+    """Every ``tg.*`` summary over epochs 0..k."""
+    epochs = list(range(k + 1))
+    keys = sorted(key for key in rows[0] if key.startswith("tg."))
+    features: dict[str, float] = {}
+    for key in keys:
+        features |= window(key, [value(rows[e], key) for e in epochs], epochs)
+    return features
+
+
+def curve_features(rows: dict[int, Mapping[str, float]], k: int) -> dict[str, float]:
+    """Validation metrics at 0..k, training metrics at 1..k, and the summed training loss."""
+    features: dict[str, float] = {}
+    for key in CURVE_AT_EPOCH_ZERO:
+        epochs = list(range(k + 1))
+        features |= window(key, [value(rows[e], key) for e in epochs], epochs)
+    for key in CURVE_FROM_EPOCH_ONE:
+        epochs = list(range(1, k + 1))
+        if epochs:
+            features |= window(key, [value(rows[e], key) for e in epochs], epochs)
+    losses = [value(rows[e], "train_loss") for e in range(1, k + 1)]
+    features["train_loss.sum"] = float(sum(losses)) if losses else math.nan
+    return features
+
+
+def hparam_features(params: Mapping[str, str]) -> dict[str, float | str]:
+    """The run's configuration as numbers and categories."""
+    features: dict[str, float | str] = {}
+    for name, (key, transform) in NUMERIC_HPARAMS.items():
+        raw = params.get(key)
+        features[name] = math.nan if raw in (None, "None") else transform(raw)
+    for name, key in CATEGORICAL_HPARAMS.items():
+        features[name] = str(params.get(key, MISSING_CATEGORY))
+    return features
+
+
+def value(row: Mapping[str, float], key: str) -> float:
+    """A metric of one epoch, NaN when it was not logged (a non-finite value is never logged)."""
+    found = row.get(key)
+    return math.nan if found is None else float(found)
+
+
+def run_features(
+    history: Sequence[Mapping[str, float]],
+    params: Mapping[str, str],
+    k: int,
+    sets: str | Iterable[str],
+    run: str = "?",
+) -> dict[str, float | str]:
+    """The features of one run from its epochs 0..k (history rows with an ``epoch`` key)."""
+    chosen = parse_sets(sets)
+    rows = by_epoch(history)
+    require_epochs(rows, k, run)
+    if "graph" in chosen and not any(key.startswith("tg.") for key in rows[0]):
+        raise NotEnoughEpochsError(
+            f"run {run} logged no graph summaries (tg.* metrics) at epoch 0: it ran with "
+            "graph.enabled=false, so the graph feature set cannot be built for it."
+        )
+    features: dict[str, float | str] = {}
+    if "graph" in chosen:
+        features |= graph_features(rows, k)
+    if "curve" in chosen:
+        features |= curve_features(rows, k)
+    if "hparams" in chosen:
+        features |= hparam_features(params)
+    return features
+
+
+def categorical_columns(columns: Iterable[str]) -> list[str]:
+    """The feature columns that are categories."""
+    return [column for column in columns if column in CATEGORICAL_HPARAMS]
+
+
+def set_of(column: str) -> str:
+    """The feature set a column belongs to."""
+    if column.startswith("tg."):
+        return "graph"
+    if column in NUMERIC_HPARAMS or column in CATEGORICAL_HPARAMS:
+        return "hparams"
+    return "curve"
+
+
+def columns_of(columns: Iterable[str], sets: str | Iterable[str]) -> list[str]:
+    """The columns of ``sets`` among the columns of a wider feature table, in order."""
+    chosen = parse_sets(sets)
+    return [column for column in columns if set_of(column) in chosen]
+
+
+def design_matrix(frame: pl.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Feature columns as a model takes them: numbers float64, categories strings."""
+    matrix = frame.select(columns).to_pandas()
+    categories = set(categorical_columns(columns))
+    for column in columns:
+        if column in categories:
+            matrix[column] = matrix[column].fillna(MISSING_CATEGORY).astype(str)
+        else:
+            matrix[column] = matrix[column].astype("float64")
+    return matrix

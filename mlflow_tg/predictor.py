@@ -1,0 +1,393 @@
+"""Fit, evaluate and register the performance predictor: ``python -m mlflow_tg.predictor``.
+
+From the finished runs of ``source_experiment``: one feature row per run (``features.py``),
+target = final ``test_acc``. Every set of ``compare_sets`` is fitted on the runs of the
+training configurations outside a fixed held-out share and scored on the held-out ones, and
+fitted on the narrower half of the widths and scored on the wider half (width transfer), next
+to the baseline a sweep would use anyway: ranking runs by ``val_acc`` at epoch k. The model of
+``feature_sets`` is logged, registered as a new version, and made ``champion`` when it beats
+the current champion on the same held-out runs (else ``challenger``). Everything lands in one
+MLflow run of the ``tracking.experiment`` experiment.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import mlflow
+import numpy as np
+import pandas as pd
+import polars as pl
+from catboost import CatBoostRegressor
+from mlflow import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from mlflow_tg.config import CONF_DIR, ConfigError, is_whole_number
+from mlflow_tg.evaluation import (
+    QUALITY_METRICS,
+    in_holdout,
+    narrow_half,
+    quality,
+    quality_by_subset,
+)
+from mlflow_tg.features import (
+    NotEnoughEpochsError,
+    categorical_columns,
+    columns_of,
+    design_matrix,
+    parse_sets,
+    run_features,
+    set_name,
+)
+from mlflow_tg.figures import importance_figure, predicted_vs_actual_figure
+from mlflow_tg.registry import (
+    CHAMPION,
+    FeatureSpec,
+    log_and_register,
+    settle_aliases,
+    version_by_alias,
+)
+from mlflow_tg.runs import RunNotFoundError, RunRecord, load_runs
+from mlflow_tg.tracking import use_tracking
+
+log = logging.getLogger(__name__)
+TARGET = "test_acc"
+# distinct from every feature name ("width" is a feature of the hparams set)
+META_COLUMNS = ("run_id", "group", "seed", "run_width", TARGET)
+SELECTION_METRICS = ("kendall_tau", "spearman", "r2")
+MIN_RUNS = 8
+BASELINE = "val_acc@k"
+
+
+@dataclass
+class Dataset:
+    """One row per usable run: identifiers, the target, and the features of every set."""
+
+    frame: pl.DataFrame
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """Every feature column, in table order."""
+        return [column for column in self.frame.columns if column not in META_COLUMNS]
+
+    @property
+    def groups(self) -> list[str]:
+        """Training configuration of each row."""
+        return self.frame["group"].to_list() if self.frame.height else []
+
+    def matrix(self, columns: list[str], rows: np.ndarray | None = None) -> pd.DataFrame:
+        """Model input: numbers as float64, categories as strings."""
+        frame = self.frame if rows is None else self.frame.filter(pl.Series(rows))
+        return design_matrix(frame, columns)
+
+    def column(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """One column (the target by default) of the (selected) runs."""
+        values = self.frame[name].to_numpy()
+        return values if rows is None else values[rows]
+
+
+@dataclass
+class Comparison:
+    """Quality of each feature set (and the baseline), and each set's held-out fit."""
+
+    quality: dict[str, dict[str, dict[str, dict[str, float]]]]  # set → split → subset → scores
+    models: dict[str, CatBoostRegressor]  # fitted without the held-out configurations
+    predictions: dict[str, np.ndarray]  # of the held-out runs
+
+    def table(self) -> pl.DataFrame:
+        """One row per feature set (or baseline), split and subset."""
+        return pl.DataFrame(
+            [
+                {"features": sets, "split": split, "subset": subset} | scores
+                for sets, splits in self.quality.items()
+                for split, subsets in splits.items()
+                for subset, scores in subsets.items()
+            ]
+        )
+
+
+def build_dataset(records: list[RunRecord], k: int, sets: str) -> Dataset:
+    """Feature rows of every run with a final accuracy and epochs 0..k."""
+    rows, left_out = [], Counter()
+    for run in records:
+        if TARGET not in run.metrics:
+            left_out[f"no {TARGET}"] += 1
+            continue
+        try:
+            features = run_features(run.history, run.params, k, sets, run.run_id)
+        except NotEnoughEpochsError:
+            left_out[f"fewer than {k + 1} epochs or no graph summaries"] += 1
+            continue
+        meta = {
+            "run_id": run.run_id,
+            "group": run.group,
+            "seed": run.params.get("seed", ""),
+            "run_width": float(run.params.get("width", "nan")),
+            TARGET: run.metrics[TARGET],
+        }
+        rows.append(meta | features)
+    frame = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+    return Dataset(frame, dict(left_out))
+
+
+def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
+    """A CatBoost regressor on the features; model, optimizer etc. as native categories."""
+    model = CatBoostRegressor(
+        **OmegaConf.to_container(cfg.catboost, resolve=True),
+        random_seed=cfg.seed,
+        cat_features=categorical_columns(x.columns),
+        verbose=False,
+        allow_writing_files=False,
+    )
+    return model.fit(x, y)
+
+
+def fit_and_score(
+    dataset: Dataset, columns: list[str], train: np.ndarray, cfg: DictConfig
+) -> tuple[CatBoostRegressor, np.ndarray]:
+    """Fit on the ``train`` rows, predict the others."""
+    model = fit(dataset.matrix(columns, train), dataset.column(TARGET, train), cfg)
+    return model, model.predict(dataset.matrix(columns, ~train))
+
+
+def compare(
+    dataset: Dataset, cfg: DictConfig, holdout: np.ndarray, compared: list[str]
+) -> Comparison:
+    """Held-out and width-transfer quality of each set, and of ranking by ``val_acc@k``."""
+    narrow = narrow_half(dataset.frame["run_width"].to_list())
+    y = dataset.column(TARGET)
+
+    def scored(predicted_holdout, predicted_wide) -> dict[str, dict[str, dict[str, float]]]:
+        return {
+            "holdout": quality_by_subset(y[holdout], predicted_holdout, cfg.nontrivial_above),
+            "transfer": quality_by_subset(y[~narrow], predicted_wide, cfg.nontrivial_above),
+        }
+
+    comparison = Comparison({}, {}, {})
+    for sets in compared:
+        columns = columns_of(dataset.feature_columns, sets)
+        model, predicted = fit_and_score(dataset, columns, ~holdout, cfg)
+        _, transferred = fit_and_score(dataset, columns, narrow, cfg)
+        comparison.quality[sets] = scored(predicted, transferred)
+        comparison.models[sets], comparison.predictions[sets] = model, predicted
+    baseline = dataset.column(f"val_acc@{cfg.k}")
+    comparison.quality[BASELINE] = scored(baseline[holdout], baseline[~narrow])
+    return comparison
+
+
+def metric_key(row: dict[str, Any], metric: str) -> str:
+    """``holdout/graph_curve_hparams/all/kendall_tau`` ('+' and '@' are not allowed in keys)."""
+    features = row["features"].replace("+", "_").replace("@", "_at_")
+    return f"{row['split']}/{features}/{row['subset']}/{metric}"
+
+
+def champion_predictions(
+    client: MlflowClient, name: str, records: list[RunRecord]
+) -> tuple[dict[str, float], str]:
+    """The current champion's predictions for ``records`` by run id, with its own features."""
+    champion = version_by_alias(client, name, CHAMPION)
+    spec = FeatureSpec.of_version(champion)
+    dataset = build_dataset(records, spec.k, spec.sets)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}")
+    columns = model.metadata.get_input_schema().input_names()
+    predicted = np.ravel(model.predict(design_matrix(dataset.frame, columns)))
+    return dict(zip(dataset.frame["run_id"], predicted, strict=True)), champion.version
+
+
+def versus_champion(
+    client: MlflowClient,
+    cfg: DictConfig,
+    held_out: list[RunRecord],
+    candidate: dict[str, float],
+    actual: dict[str, float],
+) -> tuple[bool, dict[str, float], str]:
+    """Whether the new version beats the champion on the held-out runs both can score."""
+    if version_by_alias(client, cfg.registered_model, CHAMPION) is None:
+        return True, {}, "first version: no champion yet"
+    try:
+        incumbent, version = champion_predictions(client, cfg.registered_model, held_out)
+    except Exception as error:  # an old champion whose features no longer exist, for one
+        log.warning("the champion cannot score the held-out runs: %s", error)
+        return False, {}, f"champion could not score the held-out runs: {error}"
+    common = sorted(set(candidate) & set(incumbent))
+    y = np.array([actual[run] for run in common])
+    new = quality(y, np.array([candidate[run] for run in common]))[cfg.selection_metric]
+    old = quality(y, np.array([incumbent[run] for run in common]))[cfg.selection_metric]
+    scores = {"candidate": new, "champion": old, "runs": float(len(common))}
+    verdict = f"{cfg.selection_metric} {new:.4f} vs champion v{version} {old:.4f}"
+    # NaN (constant predictions have no rank correlation) counts as the worst score
+    wins = np.nan_to_num(new, nan=-np.inf) > np.nan_to_num(old, nan=-np.inf)
+    return bool(wins), scores, verdict
+
+
+def check_predictor_config(cfg: DictConfig) -> None:
+    """Reject values that would fail after minutes of reading runs."""
+    if not is_whole_number(cfg.k) or cfg.k < 0:
+        raise ConfigError(
+            f"k={cfg.k!r} is not allowed: k must be a whole number ≥ 0 (epochs 0..k)."
+        )
+    for sets in [cfg.feature_sets, *cfg.compare_sets]:
+        try:
+            parse_sets(sets)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if not 0 < cfg.holdout_fraction < 1:
+        raise ConfigError(
+            f"holdout_fraction={cfg.holdout_fraction!r} is not allowed: it must lie strictly "
+            "between 0 and 1 (for example 0.25)."
+        )
+    if cfg.selection_metric not in SELECTION_METRICS:
+        raise ConfigError(
+            f"selection_metric={cfg.selection_metric!r} is not allowed: choose one of "
+            f"{list(SELECTION_METRICS)}."
+        )
+
+
+def compared_sets(cfg: DictConfig) -> list[str]:
+    """The canonical names of the compared sets, the registered one included."""
+    return list(
+        dict.fromkeys(set_name(parse_sets(s)) for s in [*cfg.compare_sets, cfg.feature_sets])
+    )
+
+
+def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job; returns the quality table, the new version and the alias it got."""
+    check_predictor_config(cfg)
+    use_tracking(cfg.tracking)
+    client = MlflowClient()
+    records = load_runs(client, cfg.source_experiment)
+    compared = compared_sets(cfg)
+    dataset = build_dataset(records, cfg.k, set_name({s for c in compared for s in parse_sets(c)}))
+    holdout = in_holdout(dataset.groups, cfg.holdout_fraction, cfg.seed)
+    if dataset.frame.height < MIN_RUNS or min(holdout.sum(), (~holdout).sum()) < 3:
+        raise RunNotFoundError(
+            f"experiment {cfg.source_experiment!r} has {dataset.frame.height} usable runs "
+            f"({int(holdout.sum())} held out), too few to fit and evaluate a predictor (at least "
+            f"{MIN_RUNS}, 3 on each side); left out: {dataset.left_out or 'none'}."
+        )
+    comparison = compare(dataset, cfg, holdout, compared)
+    table = comparison.table()
+    log.info("%d runs, %d held out; left out: %s", dataset.frame.height, int(holdout.sum()),
+             dataset.left_out or "none")  # fmt: skip
+    with pl.Config(tbl_rows=100, tbl_cols=12, float_precision=3):
+        log.info("\n%s", table)
+    held_out = set(dataset.frame["run_id"].filter(pl.Series(holdout)))
+    outcome = log_predictor_run(
+        client, cfg, dataset, holdout, comparison, [r for r in records if r.run_id in held_out]
+    )
+    return outcome | {"quality": table}
+
+
+def log_predictor_run(
+    client: MlflowClient,
+    cfg: DictConfig,
+    dataset: Dataset,
+    holdout: np.ndarray,
+    comparison: Comparison,
+    held_records: list[RunRecord],
+) -> dict[str, Any]:
+    """The predictor's MLflow run: model first (see registry), then comparison and metrics."""
+    wanted = set_name(parse_sets(cfg.feature_sets))
+    columns = columns_of(dataset.feature_columns, wanted)
+    with mlflow.start_run(run_name=f"predictor-k{cfg.k}-{wanted}") as run:
+        mlflow.log_params(predictor_params(cfg, dataset, holdout, wanted))
+        example = dataset.matrix(columns, ~holdout).head(50)
+        version = log_and_register(
+            comparison.models[wanted], example, cfg.registered_model, FeatureSpec(cfg.k, wanted)
+        )
+        held_ids = dataset.frame["run_id"].filter(pl.Series(holdout)).to_list()
+        candidate = dict(zip(held_ids, comparison.predictions[wanted], strict=True))
+        actual = dict(zip(held_ids, dataset.column(TARGET, holdout), strict=True))
+        wins, scores, verdict = versus_champion(client, cfg, held_records, candidate, actual)
+        alias = settle_aliases(client, cfg.registered_model, version, wins)
+        mlflow.set_tags(
+            {
+                "mlflow_tg.model_version": version.version,
+                "mlflow_tg.alias": alias,
+                "mlflow_tg.comparison": verdict,
+            }
+        )
+        mlflow.log_metrics({f"comparison/{key}": value for key, value in scores.items()})
+        mlflow.log_metrics(
+            {
+                metric_key(row, metric): row[metric]
+                for row in comparison.table().to_dicts()
+                for metric in QUALITY_METRICS
+                if np.isfinite(row[metric])
+            }
+        )
+        log_artifacts(dataset, holdout, comparison, wanted, cfg.k)
+    log.info("%s version %s is %s (%s)", cfg.registered_model, version.version, alias, verdict)
+    return {
+        "run_id": run.info.run_id,
+        "version": version.version,
+        "alias": alias,
+        "verdict": verdict,
+    }
+
+
+def predictor_params(cfg: DictConfig, dataset: Dataset, holdout: np.ndarray, wanted: str) -> dict:
+    """What the predictor run was fitted on and how."""
+    return {
+        "k": cfg.k,
+        "feature_sets": wanted,
+        "source_experiment": cfg.source_experiment,
+        "runs": dataset.frame.height,
+        "holdout_runs": int(holdout.sum()),
+        "holdout_fraction": cfg.holdout_fraction,
+        "selection_metric": cfg.selection_metric,
+        **{f"catboost.{key}": value for key, value in cfg.catboost.items()},
+        **{f"left_out.{reason}": count for reason, count in dataset.left_out.items()},
+    }
+
+
+def log_artifacts(
+    dataset: Dataset, holdout: np.ndarray, comparison: Comparison, wanted: str, k: int
+) -> None:
+    """Quality table, training table (also as a dataset input), scatter and importances."""
+    model = comparison.models[wanted]
+    importance = pl.DataFrame(
+        {"feature": model.feature_names_, "importance": model.get_feature_importance()}
+    ).sort("importance", descending=True)
+    tables = {
+        "quality": comparison.table(),
+        "training_table": dataset.frame.with_columns(pl.Series("held_out", holdout)),
+        "feature_importance": importance,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, frame in tables.items():
+            frame.write_parquet(Path(tmp) / f"{name}.parquet")
+            mlflow.log_artifact(str(Path(tmp) / f"{name}.parquet"))
+    training = mlflow.data.from_polars(
+        tables["training_table"], name="predictor-training-table", targets=TARGET
+    )
+    mlflow.log_input(training, context="training")
+    predictions = {
+        wanted: comparison.predictions[wanted],
+        f"val_acc@{k} (baseline)": dataset.column(f"val_acc@{k}", holdout),
+    }
+    scatter = predicted_vs_actual_figure(dataset.column(TARGET, holdout), predictions)
+    mlflow.log_figure(scatter, "predicted_vs_actual.png")
+    mlflow.log_figure(importance_figure(importance.head(25)), "feature_importance.png")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predictor")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    try:
+        fit_predictor(cfg)
+    except (ConfigError, RunNotFoundError) as error:
+        log.error("%s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

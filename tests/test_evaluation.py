@@ -1,0 +1,67 @@
+"""Quality metrics against scipy and hand-worked values; grouped and width splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mlflow_tg.evaluation import (
+    grouped_folds,
+    in_holdout,
+    narrow_half,
+    quality,
+    quality_by_subset,
+    seed_twin_agreement,
+)
+
+
+def test_quality_metrics():
+    actual = np.array([0.1, 0.5, 0.9, 0.7])
+    predicted = np.array([0.2, 0.4, 0.8, 0.9])
+    scores = quality(actual, predicted)
+    assert scores["mae_points"] == pytest.approx(12.5)  # (10 + 10 + 10 + 20) / 4
+    sse, sst = 0.01 + 0.01 + 0.01 + 0.04, ((actual - actual.mean()) ** 2).sum()
+    assert scores["r2"] == pytest.approx(1 - sse / sst)
+    assert scores["kendall_tau"] == pytest.approx(stats.kendalltau(actual, predicted).statistic)
+    assert scores["spearman"] == pytest.approx(0.8)
+    assert quality(actual, actual)["kendall_tau"] == pytest.approx(1.0)
+
+
+def test_non_trivial_subset_drops_runs_that_never_learned():
+    actual = np.array([0.1, 0.1, 0.6, 0.7, 0.9])
+    predicted = np.array([0.0, 0.2, 0.9, 0.7, 0.6])
+    by_subset = quality_by_subset(actual, predicted, nontrivial_above=0.5)
+    assert by_subset["all"]["runs"] == 5 and by_subset["nontrivial"]["runs"] == 3
+    assert by_subset["nontrivial"]["kendall_tau"] == pytest.approx(-1.0)
+
+
+def test_holdout_keeps_seed_twins_together_and_is_stable():
+    groups = [f"config{i}" for i in range(200) for _ in range(2)]
+    held = in_holdout(groups, 0.25)
+    assert (held[::2] == held[1::2]).all()  # both seeds of a configuration on one side
+    assert 0.15 < held.mean() < 0.35
+    # a configuration keeps its side when the population grows
+    assert (in_holdout(groups + ["new"] * 2, 0.25)[:400] == held).all()
+    assert not (in_holdout(groups, 0.25, seed=1) == held).all()
+
+
+def test_grouped_folds_keep_twins_together_and_cover_every_fold():
+    groups = [f"config{i}" for i in range(100) for _ in range(2)]
+    folds = grouped_folds(groups, 5)
+    assert (folds[::2] == folds[1::2]).all() and set(folds) == {0, 1, 2, 3, 4}
+
+
+def test_narrow_half_of_the_widths():
+    assert narrow_half([2, 4, 6, 8, 2, 8]).tolist() == [True, True, False, False, True, False]
+    assert narrow_half([2, 4, 8]).tolist() == [True, False, False]
+
+
+def test_seed_twin_agreement():
+    groups = ["a", "a", "b", "b", "c", "c", "d"]
+    seeds = ["0", "1", "0", "1", "0", "1", "0"]
+    accuracy = [0.9, 0.8, 0.5, 0.6, 0.1, 0.2, 0.4]
+    agreement = seed_twin_agreement(groups, seeds, accuracy)
+    assert agreement["configurations"] == 3  # d has no twin
+    assert agreement["kendall_tau"] == pytest.approx(1.0)
+    assert agreement["mean_abs_diff_points"] == pytest.approx(10.0)

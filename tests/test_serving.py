@@ -1,0 +1,164 @@
+"""A real ``mlflow models serve`` of the champion, and ``mlflow-tg predict`` against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from mlflow_tg.features import run_features
+from mlflow_tg.runs import load_run
+from mlflow_tg.serving import (
+    EndpointError,
+    ask_endpoint,
+    free_port,
+    predict_in_process,
+    request_body,
+    running_server,
+)
+from mlflow_tg.tracking import HISTORY_ARTIFACT
+from mlflow_tg.training import train
+from tests.conftest import compose_config
+
+NAME = "tg-performance-predictor"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def endpoint(champion, population, tmp_path_factory):
+    """The champion served by MLflow's scoring server on a free loopback port."""
+    port = free_port()
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": population["uri"],
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # it execs the venv's uvicorn
+    }
+    arguments = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
+    ]  # fmt: skip
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with running_server(arguments, f"http://127.0.0.1:{port}/ping", log, env):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def run_id(population) -> str:
+    """A finished lenet run of the population."""
+    client = MlflowClient(population["uri"])
+    experiment = client.get_experiment_by_name("population").experiment_id
+    query = (
+        "params.`model.name` = 'lenet' and params.seed = '0' and params.width = '3' "
+        "and params.`optimizer.lr` = '0.05'"
+    )
+    (run,) = client.search_runs([experiment], query)
+    return run.info.run_id
+
+
+def features_of(population, run_id: str) -> dict:
+    run = load_run(MlflowClient(population["uri"]), run_id)
+    return run_features(run.history, run.params, 2, "graph+curve+hparams")
+
+
+def invocations(endpoint: str, body: str) -> requests.Response:
+    headers = {"Content-Type": "application/json"}
+    return requests.post(f"{endpoint}/invocations", data=body, headers=headers, timeout=30)
+
+
+def test_endpoint_predicts_what_the_model_predicts_in_process(endpoint, population, run_id):
+    features = features_of(population, run_id)
+    served = ask_endpoint(endpoint, features)
+    assert served == pytest.approx(predict_in_process(f"models:/{NAME}@champion", features))
+    assert -0.5 < served < 1.5
+
+
+def test_a_request_missing_features_gets_a_400_naming_them(endpoint, population, run_id):
+    features = features_of(population, run_id)
+    del features["val_acc@2"], features["tg.pagerank.gini.slope"]
+    response = invocations(endpoint, json.dumps(request_body(features)))
+    assert response.status_code == 400
+    assert "val_acc@2" in response.text and "tg.pagerank.gini.slope" in response.text
+    with pytest.raises(EndpointError, match="HTTP 400"):
+        ask_endpoint(endpoint, features)
+
+
+def test_a_string_in_a_number_column_gets_a_400(endpoint, population, run_id):
+    features = features_of(population, run_id) | {"log10_lr": "tiny"}
+    response = invocations(endpoint, json.dumps(request_body(features)))
+    assert response.status_code == 400 and "log10_lr" in response.text
+
+
+@pytest.mark.parametrize("body", ["", "{}", "not json"])
+def test_an_empty_or_malformed_body_gets_a_4xx(endpoint, body):
+    assert 400 <= invocations(endpoint, body).status_code < 500
+
+
+def mlflow_tg(*arguments: str) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    return subprocess.run(
+        [str(BIN / "mlflow-tg"), *arguments], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("through_endpoint", [True, False])
+def test_cli_predicts_and_logs_to_the_run(endpoint, population, run_id, through_endpoint):
+    extra = ["--endpoint", endpoint] if through_endpoint else []
+    result = mlflow_tg("predict", "--run-id", run_id, "--tracking-uri", population["uri"], *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run {run_id}: predicted final test accuracy" in result.stdout
+    client = MlflowClient(population["uri"])
+    (logged,) = [m for m in client.get_metric_history(run_id, "tg.predicted_test_acc")][-1:]
+    expected = predict_in_process(f"models:/{NAME}@champion", features_of(population, run_id))
+    assert logged.step == 2 and logged.value == pytest.approx(expected)
+    assert f"{logged.value:.4f}" in result.stdout
+
+
+def test_cli_predicts_a_run_that_is_still_running(population, run_id, champion):
+    client = MlflowClient(population["uri"])
+    finished = load_run(client, run_id)
+    experiment = client.get_experiment_by_name("population").experiment_id
+    live = client.create_run(experiment, run_name="still-training").info.run_id
+    for key, value in finished.params.items():
+        client.log_param(live, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        pl.DataFrame(finished.history[:3]).write_parquet(Path(tmp) / HISTORY_ARTIFACT)
+        client.log_artifact(live, str(Path(tmp) / HISTORY_ARTIFACT))
+    try:
+        result = mlflow_tg("predict", "--run-id", live, "--tracking-uri", population["uri"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert client.get_run(live).info.status == "RUNNING"
+        assert "tg.predicted_test_acc" in client.get_run(live).data.metrics
+    finally:
+        client.set_terminated(live)
+
+
+def test_cli_refuses_a_run_with_too_few_epochs(population, champion, tmp_path):
+    short = train(
+        compose_config(
+            [
+                "model=mlp", "width=2", "epochs=1", "device=cpu", "graph.threads=1",
+                f"tracking.uri={population['uri']}",
+                f"tracking.artifact_root={population['artifacts']}",
+                "tracking.experiment=short-runs",
+            ]
+        )
+    )  # fmt: skip
+    result = mlflow_tg("predict", "--run-id", short["run_id"], "--tracking-uri", population["uri"])
+    assert result.returncode == 2
+    assert "has 2 epochs logged (0, 1) but the predictor needs epochs 0..2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_names_an_unknown_run_and_a_missing_model(population, tmp_path):
+    result = mlflow_tg("predict", "--run-id", "nope", "--tracking-uri", population["uri"])
+    assert result.returncode == 2 and "run 'nope' is not in the tracking store" in result.stderr
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = mlflow_tg("predict", "--run-id", "nope", "--tracking-uri", empty)
+    assert result.returncode == 2 and "has no model 'tg-performance-predictor'" in result.stderr
