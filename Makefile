@@ -31,11 +31,12 @@ setup: $(STAMP)
 	fi
 	@touch $@
 
-$(PY): .system-deps
+# pyvenv.cfg, not bin/python: that is a symlink, and make would see the system python's age.
+$(VENV)/pyvenv.cfg: .system-deps
 	$(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
 
 # One resolve for everything, so that numpy<2 (needed by graph-tool) holds for every package.
-$(STAMP): pyproject.toml $(PY)
+$(STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -c "import graph_tool, torch, mlflow, catboost, polars; print('environment ready')"
