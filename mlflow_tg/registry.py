@@ -40,10 +40,13 @@ def log_and_register(
 ) -> ModelVersion:
     """Log ``model`` to the active run and register it as a new version of ``name``.
 
+    ``example`` holds feature rows; the signature names the columns the model reads.
+
     Numeric columns are declared float64 (an integer column would reject NaN or a float at
     serving time); categories are strings. Call before logging many metrics: MLflow attaches
     every metric's history of the run to the logged model.
     """
+    example = example[model.feature_names_]  # the columns it kept, in its order
     predictions = model.predict(example)
     info = mlflow.catboost.log_model(
         model,

@@ -53,6 +53,11 @@ def ask_endpoint(url: str, features: dict[str, float | str], timeout_s: float = 
     return float(response.json()["predictions"][0])
 
 
+def model_columns(model_uri: str) -> list[str]:
+    """The feature columns a logged model's signature names."""
+    return mlflow.models.get_model_info(model_uri).signature.inputs.input_names()
+
+
 def predict_in_process(model_uri: str, features: dict[str, float | str]) -> float:
     """The prediction of a registered model loaded here, with the same schema checks."""
     model = mlflow.pyfunc.load_model(model_uri)
