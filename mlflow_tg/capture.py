@@ -6,7 +6,8 @@ computed, and three things logged: ``graph/nodes/epoch_NNN.parquet`` (one row pe
 ``graph/layers/epoch_NNN.parquet`` (one row per layer) and the compact ``tg.*`` summary metrics,
 returned to the caller so that they go out in the same batch call as the epoch's training
 metrics. At the end of the run a figure of the summary trajectories is logged as
-``graph/dynamics.png``.
+``graph/dynamics.png``. A snapshot whose weights are NaN or infinite, or whose centralities do
+not converge, is skipped with a warning and listed in the ``tg.capture_skipped_epochs`` tag.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import mlflow
 from omegaconf import DictConfig
 from torch import nn
 
-from mlflow_tg.centrality import compute_centralities, set_threads
+from mlflow_tg.centrality import ConvergenceError, compute_centralities, set_threads
 from mlflow_tg.figures import trajectory_figure
 from mlflow_tg.graph import NonFiniteWeightsError, RolledGraphBuilder
 from mlflow_tg.summaries import layer_table, node_table, summary_metrics
@@ -52,19 +53,18 @@ class GraphCapture:
         start = time.perf_counter()
         try:
             graph = self.builder.build(model)
-        except NonFiniteWeightsError as error:
-            log.warning("epoch %d: graph capture skipped, %s", epoch, error)
-            self.skipped.append(epoch)
-            run.set_tag(SKIPPED_TAG, ",".join(map(str, self.skipped)))
+            centralities = compute_centralities(
+                graph,
+                list(self.cfg.centralities),
+                pivots=self.cfg.pivots,
+                sources=self.cfg.sources,
+                seed=self.cfg.seed,
+                adjacency=self.builder.adjacency(),
+            )
+        except (NonFiniteWeightsError, ConvergenceError) as error:
+            # one snapshot without a graph is no reason to end the training run
+            self.skip(epoch, run, error)
             return {}
-        centralities = compute_centralities(
-            graph,
-            list(self.cfg.centralities),
-            pivots=self.cfg.pivots,
-            sources=self.cfg.sources,
-            seed=self.cfg.seed,
-            adjacency=self.builder.adjacency(),
-        )
         nodes = node_table(self.builder.nodes, centralities)
         metrics = summary_metrics(nodes, graph.num_edges())
         if self.cfg.node_tables:
@@ -75,6 +75,12 @@ class GraphCapture:
         self.trajectory.append({"epoch": epoch, **metrics})
         # not a tg.* key: timing is not a property of the network, so no predictor feature
         return metrics | {"capture_time_s": time.perf_counter() - start}
+
+    def skip(self, epoch: int, run: RunLogger, error: Exception) -> None:
+        """Warn that this epoch has no capture and list it in the ``SKIPPED_TAG`` tag."""
+        log.warning("epoch %d: graph capture skipped, %s", epoch, error)
+        self.skipped.append(epoch)
+        run.set_tag(SKIPPED_TAG, ",".join(map(str, self.skipped)))
 
     def finish(self, run: RunLogger) -> None:
         """Log the figure of the summary trajectories."""

@@ -1,17 +1,21 @@
 """Vertex centralities of a rolled graph, computed with graph-tool and scipy.
 
-Path-based centralities (betweenness, closeness) and strength run in graph-tool's C++. The
-spectral ones are sparse linear algebra on the weighted adjacency matrix that graph-tool exports:
-Lanczos (``eigsh``) for the eigenvector, conjugate gradients for PageRank and Katz, which on an
-undirected graph are symmetric positive-definite systems. On a layered network graph-tool's own
-power iterations are wrong (eigenvector: a bipartite spectrum ±λ_max makes it oscillate) or
-slow (PageRank: ~70 iterations of 160 ms on ResNet-50's rolled graph, against ~30 sparse
-products of 40 ms here); the results are checked against networkx in the tests.
+Path-based centralities (betweenness, closeness) run in graph-tool's C++. Strength and the
+spectral ones are linear algebra on the weighted adjacency matrix, exported from graph-tool or
+given by the caller as faster block products: Lanczos (``eigsh``) for the eigenvector,
+conjugate gradients for PageRank and Katz, which on an undirected graph are symmetric
+positive-definite systems. On a layered network graph-tool's own power iterations are wrong
+(eigenvector: a bipartite spectrum ±λ_max makes it oscillate) or slow (PageRank: ~70
+iterations of 160 ms on ResNet-50's rolled graph, against ~30 sparse products of 40 ms here);
+the results are checked against networkx in the tests.
 
 The graph is undirected with a non-negative edge property ``weight``; each edge was added
-upstream → downstream, so ``GraphView(graph, directed=True)`` is the data-flow DAG. Every
-centrality is a float64 array indexed by vertex. ``W`` is the weighted adjacency matrix,
-``λ_max`` its largest eigenvalue (the spectral radius), ``N`` the number of vertices.
+upstream → downstream, so ``GraphView(graph, directed=True)`` is the data-flow DAG. Parallel
+edges count as one edge of their summed weight in strength and the spectral centralities, while
+graph-tool's shortest paths take only the strongest of them; ``RolledGraphBuilder`` merges them,
+so every centrality of a rolled graph sees the same edges. Every centrality is a float64 array
+indexed by vertex. ``W`` is the weighted adjacency matrix, ``λ_max`` its largest eigenvalue
+(the spectral radius), ``N`` the number of vertices.
 
 - ``strength``: sum of the weights of the edges at the vertex.
 - ``eigenvector``: Perron eigenvector of ``W`` (eigenvalue ``λ_max``), absolute values, L2 norm 1.
@@ -45,7 +49,7 @@ from typing import Any
 import graph_tool as gt
 import numpy as np
 from graph_tool import centrality, spectral, topology
-from scipy.sparse.linalg import LinearOperator, eigsh, svds
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, svds
 
 CENTRALITIES: tuple[str, ...] = (
     "strength",
@@ -78,13 +82,16 @@ class Adjacency:
     @classmethod
     def from_flow(cls, flow: LinearOperator) -> Adjacency:
         """W from the data-flow operator, as ``x ↦ flow x + flowᵀ x``."""
-        undirected = LinearOperator(
-            flow.shape,
-            matvec=lambda x: flow.matvec(x) + flow.rmatvec(x),
-            rmatvec=lambda x: flow.matvec(x) + flow.rmatvec(x),
-            dtype=np.float64,
-        )
+
+        def both_ways(x: np.ndarray) -> np.ndarray:  # W is symmetric: its own transpose
+            return flow.matvec(x) + flow.rmatvec(x)
+
+        undirected = LinearOperator(flow.shape, both_ways, rmatvec=both_ways, dtype=np.float64)
         return cls(undirected, flow)
+
+
+class ConvergenceError(ArithmeticError):
+    """A centrality's solver failed: ARPACK did not converge, or CG's residual became NaN/inf."""
 
 
 def set_threads(n: int) -> None:
@@ -137,6 +144,7 @@ def compute_centralities(
 
     Raises:
         ValueError: On an unknown name or a sample size below 1.
+        ConvergenceError: When a spectral centrality's solver fails on this graph.
     """
     unknown = [name for name in names if name not in CENTRALITIES]
     if unknown:
@@ -144,7 +152,13 @@ def compute_centralities(
     if pivots < 1 or sources < 1:
         raise ValueError(f"pivots and sources must be >= 1, got {pivots} and {sources}")
     context = _Context(graph, pivots=pivots, sources=sources, seed=seed, adjacency=adjacency)
-    return {name: _COMPUTE[name](context) for name in names}
+    results = {}
+    for name in names:
+        try:
+            results[name] = _COMPUTE[name](context)
+        except ArpackNoConvergence as error:
+            raise ConvergenceError(f"{name} did not converge: {error}") from error
+    return results
 
 
 class _Context:
@@ -174,9 +188,14 @@ class _Context:
         return spectral.adjacency(directed, weight=self.weight).astype(np.float64)
 
     @cached_property
+    def strength(self) -> np.ndarray:
+        """``W 1``, the weight at each vertex, shared by strength, PageRank and the eigenvector."""
+        return np.asarray(self.undirected @ np.ones(self.n), dtype=np.float64)
+
+    @cached_property
     def perron(self) -> tuple[float, np.ndarray]:
         """λ_max and the Perron eigenvector of W, shared by eigenvector and katz."""
-        return _perron(self.undirected)
+        return _perron(self.undirected, self.strength)
 
     @cached_property
     def positive(self) -> gt.Graph:
@@ -193,10 +212,14 @@ class _Context:
             return self.graph.new_edge_property("double", vals=1.0 / self.weight.a)
 
 
-def _perron(adjacency) -> tuple[float, np.ndarray]:
-    """Largest eigenvalue and its eigenvector (absolute, L2 norm 1) of a symmetric matrix ≥ 0."""
+def _perron(adjacency, strength: np.ndarray) -> tuple[float, np.ndarray]:
+    """Largest eigenvalue and its eigenvector (absolute, L2 norm 1) of a symmetric matrix ≥ 0.
+
+    ``strength`` is ``adjacency @ 1``; when it is all zero so is the matrix, without a Perron
+    vector.
+    """
     n = adjacency.shape[0]
-    if not (adjacency @ np.ones(n)).any():
+    if not strength.any():
         return 0.0, np.zeros(n)
     if n <= _DENSE_MAX_VERTICES:
         values, vectors = np.linalg.eigh(adjacency @ np.eye(n))
@@ -213,8 +236,7 @@ def _perron(adjacency) -> tuple[float, np.ndarray]:
 
 
 def _strength(context: _Context) -> np.ndarray:
-    strength = context.graph.degree_property_map("total", weight=context.weight)
-    return np.array(strength.a, dtype=np.float64)
+    return context.strength.copy()
 
 
 def _eigenvector(context: _Context) -> np.ndarray:
@@ -227,10 +249,17 @@ def _eigenvector(context: _Context) -> np.ndarray:
 def conjugate_gradient(
     matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, rtol: float = 1e-10
 ) -> np.ndarray:
-    """Solve ``M x = b`` for a symmetric positive-definite M given as ``matvec``."""
+    """Solve ``M x = b`` for a symmetric positive-definite M given as ``matvec``.
+
+    Raises:
+        ConvergenceError: When the residual is NaN or infinite (an overflow in M or b), which
+            no further iteration can repair.
+    """
     x, r = np.zeros_like(b), b.copy()
     p, rs, stop = r.copy(), r @ r, rtol**2 * (b @ b)
     for _ in range(10 * len(b) + 100):  # exact arithmetic needs ≤ len(b) steps
+        if not np.isfinite(rs):
+            raise ConvergenceError("conjugate gradients: the residual is NaN or infinite")
         if rs <= stop:
             break
         mp = matvec(p)
@@ -246,8 +275,7 @@ def _pagerank(context: _Context) -> np.ndarray:
     # x = d W D⁻¹ x + c·1 (D: strengths; c the teleport plus the spread mass of vertices without
     # weight). With x = c D^½ y on the weighted vertices, (I - d D^-½ W D^-½) y = D^-½ 1: a
     # symmetric system with eigenvalues in [1 - d, 1 + d], solved by CG in ~30 products.
-    adjacency, damping = context.undirected, PAGERANK_DAMPING
-    strength = adjacency @ np.ones(context.n)
+    adjacency, damping, strength = context.undirected, PAGERANK_DAMPING, context.strength
     weighted = strength > 0
     inv_sqrt = np.zeros(context.n)
     inv_sqrt[weighted] = 1 / np.sqrt(strength[weighted])

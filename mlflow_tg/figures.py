@@ -12,8 +12,10 @@ matplotlib.use("Agg")  # runs happen on servers and in CI: never open a window
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from mlflow_tg.summaries import DEPTH_BUCKETS
+
 GLOBAL_LINES = ("mean", "std", "q90", "max", "gini")
-DEPTH_LINES = tuple(f"depth{bucket}.mean" for bucket in range(4))
+DEPTH_LINES = tuple(f"depth{bucket}.mean" for bucket in range(DEPTH_BUCKETS))
 
 
 def trajectory_figure(

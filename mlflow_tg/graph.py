@@ -23,18 +23,22 @@ can trace:
   edges of the layer it follows, entering the normalised channels, as inference-time BN folding
   does. A BatchNorm that does not directly follow one layer (DenseNet's pre-activation norm of a
   concatenation) scales the edges leaving its channels into the next layer instead. Its shift
-  (β, mean) is a bias and, like biases, no edge. With ``fold_batchnorm=False`` it adds nothing.
+  (β, mean) is a bias and, like biases, no edge. With ``fold_batchnorm=False`` it adds nothing;
+- **parallel edges** (a layer's own edge beside an identity join in ``x + conv(x)``, a layer
+  reading ``cat([x, x])``) merge into one edge of their summed weight.
 
 The graph is undirected for centralities; each edge is stored from the upstream to the downstream
 vertex, so ``GraphView(g, directed=True)`` is the data flow. The structure is traced once
 (``RolledGraphBuilder(model, input_shape)``); ``build(model)`` then only recomputes the edge
 weights from the current parameters, vectorised per layer, and writes them into the same graph.
 Anything the rules above cannot represent raises ``GraphUnsupportedError`` naming the module or
-operation: a graph is never silently wrong.
+operation (a mean or max over the channels, a product with a learnable parameter such as a layer
+scale, a folded BatchNorm of flattened features): a graph is never silently wrong.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field, replace
@@ -72,6 +76,9 @@ CHANNELWISE_FUNCTIONS = {
     F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
     torch.mean, torch.amax, torch.flatten, torch.reshape,
 }  # fmt: skip
+# Reductions keep channels only when they reduce other dimensions than batch and channel; their
+# output shape alone cannot tell (``x.mean(1)`` on (B, C, C, W) gives (B, C, W)).
+REDUCTIONS = {torch.mean, torch.amax, "mean", "amax"}
 CHANNELWISE_METHODS = {
     "relu", "sigmoid", "tanh", "mean", "amax", "flatten", "view", "reshape", "contiguous",
     "clone", "float", "to",
@@ -79,7 +86,6 @@ CHANNELWISE_METHODS = {
 SUMS = {operator.add, operator.iadd, torch.add}
 PRODUCTS = {operator.mul, operator.imul, torch.mul}
 CATS = {torch.cat, torch.concat}
-LAYER_KINDS = ("input", "conv", "linear", "add", "mul")
 
 
 class GraphUnsupportedError(ConfigError):
@@ -115,6 +121,7 @@ class EdgeBlock:
     positions: int = 1
     in_scale: list[ScaleTerm] = field(default_factory=list)  # BatchNorms before this layer
     out_folds: list[str] = field(default_factory=list)  # BatchNorms right after this layer
+    repeated_inputs: bool = False  # a vertex feeds this layer twice (a layer reading cat([x, x]))
 
     @property
     def per_group(self) -> int:
@@ -200,17 +207,25 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from error
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has neither)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def tensor_shapes(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...]) -> dict:
     """Shape of every tensor of one forward pass, propagated with fake tensors.
 
     Fake tensors carry shapes without data: nothing is computed, so tracing a large network is
-    fast and no BatchNorm statistic or random number generator is touched.
+    fast and no BatchNorm statistic or random number generator is touched. The example input
+    lives where the model does, as fake tensors keep the devices of the real ones.
     """
     modes = {module: module.training for module in model.modules()}
+    example = torch.zeros(1, *input_shape, device=model_device(model))
     try:
         gm.eval()
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        ShapeProp(gm, fake_mode=fake_mode).propagate(torch.zeros(1, *input_shape))
+        ShapeProp(gm, fake_mode=fake_mode).propagate(example)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -228,6 +243,7 @@ class Tracer:
         self, gm: fx.GraphModule, shapes: dict, fold_batchnorm: bool, model_name: str
     ) -> None:
         self.gm, self.shapes, self.fold_batchnorm = gm, shapes, fold_batchnorm
+        self.parameters = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
         self.plan = Plan(model_name)
         self.values: dict[fx.Node, Value] = {}
 
@@ -276,10 +292,24 @@ class Tracer:
             return self.combine(node, inputs, "add" if target in SUMS else "mul")
         if target in CATS:
             return self.concatenate(node)
+        if target in REDUCTIONS:
+            self.check_reduction(node)
         if target in CHANNELWISE_FUNCTIONS or target in CHANNELWISE_METHODS:
             return self.channelwise(node, self.single(node, inputs))
         name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
         return self.unsupported(node, f"operation {name!r}")
+
+    def check_reduction(self, node: fx.Node) -> None:
+        """A mean or max must keep the batch and channel dimensions (``dim`` ≥ 2)."""
+        positional = node.args[1] if len(node.args) > 1 else None
+        dims = node.kwargs.get("dim", node.kwargs.get("axis", positional))
+        dims = [dims] if isinstance(dims, int) else dims
+        ndim = len(self.shapes[node.all_input_nodes[0]])
+        known = isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims)
+        # None or an empty tuple reduces every dimension, the channels with them
+        if not known or not dims or any(d % ndim < 2 for d in dims):
+            name = node.target if isinstance(node.target, str) else node.target.__name__
+            self.unsupported(node, f"{name!r} over dimensions {dims} (mixing channels)")
 
     def single(self, node: fx.Node, inputs: list[Value]) -> Value:
         """The one tensor input of an operation."""
@@ -327,6 +357,12 @@ class Tracer:
                 node, f"BatchNorm {node.target!r} without running statistics (set "
                 "graph.fold_batchnorm=false)"
             )  # fmt: skip
+        if x.positions != 1 or module.num_features != x.channels:
+            # a BatchNorm1d after a flatten scales each (channel, position) feature on its own
+            self.unsupported(
+                node, f"BatchNorm {node.target!r} of {module.num_features} flattened features "
+                f"of {x.channels} channels (set graph.fold_batchnorm=false)"
+            )  # fmt: skip
         if x.producer is not None and self.exclusive(x.root, node):
             x.producer.out_folds.append(node.target)
             return replace(x)
@@ -336,6 +372,8 @@ class Tracer:
     def channelwise(self, node: fx.Node, x: Value) -> Value:
         """Channel i to channel i; a flatten turns spatial positions into features per channel."""
         before, after = self.shapes[node.all_input_nodes[0]], self.shapes[node]
+        # Shapes suffice here: a (row-major) reshape keeping (batch, channels) keeps each
+        # channel's values together, and reductions over the channels were refused before.
         if after == before or (len(after) >= 2 and after[:2] == before[:2]):
             return replace(x)
         spatial = math.prod(before[2:])
@@ -364,6 +402,8 @@ class Tracer:
     def combine(self, node: fx.Node, inputs: list[Value], kind: str) -> Value:
         """A sum or product of feature maps: one output vertex per channel (module docstring)."""
         if len(inputs) == 1:  # plus or times a constant: a bias or a fixed scale, no vertices
+            if kind == "mul":
+                self.check_fixed_scale(node)
             return self.channelwise(node, inputs[0])
         if len({v.channels for v in inputs}) > 1 or any(v.positions != 1 for v in inputs):
             self.unsupported(node, f"a {kind} of tensors with different channels")
@@ -382,6 +422,12 @@ class Tracer:
                 )
             )  # fmt: skip
         return Value(outputs, node)
+
+    def check_fixed_scale(self, node: fx.Node) -> None:
+        """A product with a learnable parameter (a layer scale) would weigh edges: refuse it."""
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg.target in self.parameters:
+                self.unsupported(node, f"a product with the learnable parameter {arg.target!r}")
 
     def exclusive(self, root: fx.Node | None, target: fx.Node) -> bool:
         """Whether ``root``'s tensor reaches only ``target``, through channel-wise operations."""
@@ -467,8 +513,7 @@ def flow_operator(blocks: list[EdgeBlock], weights: np.ndarray, n: int) -> Linea
     parts, start = [], 0
     for block in blocks:
         matrix = weights[start : start + block.edges].reshape(block.groups, -1, block.per_group)
-        repeats = len(np.unique(block.inputs)) < len(block.inputs)  # a layer reading cat([x, x])
-        parts.append((block.inputs, block.outputs, matrix, repeats))
+        parts.append((block.inputs, block.outputs, matrix, block.repeated_inputs))
         start += block.edges
 
     def downstream(x: np.ndarray) -> np.ndarray:  # y[i] = Σ_j w(j → i) x[j]
@@ -487,8 +532,97 @@ def flow_operator(blocks: list[EdgeBlock], weights: np.ndarray, n: int) -> Linea
     return LinearOperator((n, n), matvec=downstream, rmatvec=upstream, dtype=np.float64)
 
 
+def renumber(plan: Plan) -> np.ndarray:
+    """Number the vertices left once sums merged theirs, in the blocks too; return their ids."""
+    roots = np.array([plan.find(v) for v in range(len(plan.parent))])
+    kept, final_id = np.unique(roots, return_inverse=True)
+    for block in plan.blocks:
+        block.inputs, block.outputs = final_id[block.inputs], final_id[block.outputs]
+        block.repeated_inputs = len(np.unique(block.inputs)) < len(block.inputs)
+    return kept
+
+
+def vertex_table(plan: Plan, kept: np.ndarray) -> pl.DataFrame:
+    """One row per vertex: its layer, the layer's data-flow position, its kind and channel."""
+    layers = [plan.layers[v] for v in kept]
+    layer_order = {name: index for index, name in enumerate(dict.fromkeys(layers))}
+    return pl.DataFrame(
+        {
+            "node": np.arange(len(kept), dtype=np.int64),
+            "layer": layers,
+            "layer_index": [layer_order[name] for name in layers],
+            "kind": [plan.kinds[v] for v in kept],
+            "channel": [plan.channels[v] for v in kept],
+        },
+        schema_overrides={"layer_index": pl.Int32, "channel": pl.Int32},
+    )
+
+
+def block_edges(plan: Plan) -> np.ndarray:
+    """(upstream, downstream) of every edge of every block, in weight order."""
+    edges = np.empty((sum(block.edges for block in plan.blocks), 2), np.uint64)
+    start = 0
+    for block in plan.blocks:
+        edges[start : start + block.edges, 0], edges[start : start + block.edges, 1] = (
+            block.edge_ends()
+        )
+        start += block.edges
+    if (edges[:, 0] == edges[:, 1]).any():
+        raise GraphUnsupportedError(
+            f"the rolled graph of {plan.model_name} would join a vertex to itself (a layer "
+            "reading the sum it feeds); run with graph.enabled=false."
+        )
+    return edges
+
+
+def may_repeat_edges(blocks: list[EdgeBlock]) -> np.ndarray:
+    """Which blocks may hold an edge of another (or one twice), as a mask over the blocks.
+
+    Such parallel edges come from a layer reading ``cat([x, x])`` or from two blocks joining
+    the same vertices to the same vertices (``x + conv(x)``). Checking blocks first keeps the
+    exact search to a few small blocks instead of sorting every edge of the network.
+    """
+    feeders: dict[int, set[int]] = {}
+    for index, block in enumerate(blocks):
+        for vertex in np.unique(block.outputs).tolist():
+            feeders.setdefault(vertex, set()).add(index)
+    pairs = {pair for fed in feeders.values() for pair in itertools.combinations(sorted(fed), 2)}
+    mask = np.array([block.repeated_inputs for block in blocks])
+    for a, b in pairs:
+        if np.intersect1d(blocks[a].inputs, blocks[b].inputs).size:
+            mask[[a, b]] = True
+    return mask
+
+
+def merge_parallel(
+    blocks: list[EdgeBlock], edges: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The distinct edges (in first occurrence order) and each block edge's index among them.
+
+    The index is None when no vertex pair repeats: the block edges are then the graph's edges.
+    """
+    suspects = np.flatnonzero(may_repeat_edges(blocks))
+    if not len(suspects):
+        return edges, None
+    offsets = np.cumsum([0, *(block.edges for block in blocks)])
+    positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in suspects])
+    keys = edges[positions, 0] * np.uint64(n) + edges[positions, 1]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    if len(first) == len(keys):
+        return edges, None
+    target = np.arange(len(edges))
+    target[positions] = positions[first[inverse.ravel()]]  # each edge → its first occurrence
+    distinct = target == np.arange(len(edges))
+    return edges[distinct], (np.cumsum(distinct) - 1)[target]
+
+
 class RolledGraphBuilder:
-    """The rolled graph of one model, traced once, with weights refreshed by ``build``."""
+    """The rolled graph of one model, traced once, with weights refreshed by ``build``.
+
+    Parallel edges (a layer's own edge beside an identity join in ``x + conv(x)``, a layer
+    reading ``cat([x, x])``) are merged into one edge of their summed weight, so that the
+    path-based centralities see the same connection as the spectral ones.
+    """
 
     def __init__(
         self, model: nn.Module, input_shape: tuple[int, ...], fold_batchnorm: bool = True
@@ -496,56 +630,30 @@ class RolledGraphBuilder:
         gm = trace(model)
         shapes = tensor_shapes(gm, model, input_shape)
         self.plan = Tracer(gm, shapes, fold_batchnorm, type(model).__name__).run()
-        self.graph, self.nodes = self.make_graph(self.plan)
+        self.nodes = vertex_table(self.plan, renumber(self.plan))
+        edges = block_edges(self.plan)
+        distinct, self.merge = merge_parallel(self.plan.blocks, edges, self.nodes.height)
+        self.graph = self.make_graph(self.nodes, distinct)
+        self.weights = np.zeros(len(edges))  # per block edge, as last built
 
     @staticmethod
-    def make_graph(plan: Plan) -> tuple[gt.Graph, pl.DataFrame]:
-        """The graph-tool graph (structure only) and the table of its vertices.
-
-        Vertices merged by sums are renumbered here, in the blocks too.
-        """
-        roots = np.array([plan.find(v) for v in range(len(plan.parent))])
-        kept, final_id = np.unique(roots, return_inverse=True)
-        layers = [plan.layers[v] for v in kept]
-        layer_order = {name: index for index, name in enumerate(dict.fromkeys(layers))}
-        nodes = pl.DataFrame(
-            {
-                "node": np.arange(len(kept), dtype=np.int64),
-                "layer": layers,
-                "layer_index": [layer_order[name] for name in layers],
-                "kind": [plan.kinds[v] for v in kept],
-                "channel": [plan.channels[v] for v in kept],
-            },
-            schema_overrides={"layer_index": pl.Int32, "channel": pl.Int32},
-        )
-        for block in plan.blocks:
-            block.inputs, block.outputs = final_id[block.inputs], final_id[block.outputs]
-        edges = np.empty((sum(block.edges for block in plan.blocks), 2), np.uint64)
-        start = 0
-        for block in plan.blocks:
-            edges[start : start + block.edges, 0], edges[start : start + block.edges, 1] = (
-                block.edge_ends()
-            )
-            start += block.edges
-        if (edges[:, 0] == edges[:, 1]).any():
-            raise GraphUnsupportedError(
-                f"the rolled graph of {plan.model_name} would join a vertex to itself (a layer "
-                "reading the sum it feeds); run with graph.enabled=false."
-            )
+    def make_graph(nodes: pl.DataFrame, edges: np.ndarray) -> gt.Graph:
+        """The graph-tool graph (structure only) with the labels of its vertices."""
         graph = gt.Graph(directed=False)
-        graph.add_vertex(len(kept))
+        graph.add_vertex(nodes.height)
         graph.add_edge_list(edges)  # uint64 ids: twice as fast as int64 in graph-tool 2.45
         graph.ep["weight"] = graph.new_edge_property("double")
-        graph.vp["layer"] = graph.new_vertex_property("string", vals=layers)
+        graph.vp["layer"] = graph.new_vertex_property("string", vals=nodes["layer"])
         graph.vp["layer_index"] = graph.new_vertex_property("int", vals=nodes["layer_index"])
         graph.vp["channel"] = graph.new_vertex_property("int", vals=nodes["channel"])
-        return graph, nodes
+        return graph
 
     def edge_weights(self, model: nn.Module) -> np.ndarray:
-        """Every edge's weight from ``model``'s current parameters, in graph edge order."""
-        weights, start = np.empty(self.graph.num_edges()), 0
+        """Every block edge's weight from ``model``'s current parameters, in block order."""
+        weights, start = np.empty(len(self.weights)), 0
         with torch.no_grad():
             for block in self.plan.blocks:
+                # .cpu(): the model may live on an accelerator, the graph lives in numpy
                 weights[start : start + block.edges] = block_weights(model, block).cpu().ravel()
                 start += block.edges
         if not np.isfinite(weights).all():
@@ -559,11 +667,14 @@ class RolledGraphBuilder:
 
     def build(self, model: nn.Module) -> gt.Graph:
         """The graph with the weights of ``model`` as it is now."""
-        self.graph.ep["weight"].a[:] = self.edge_weights(model)
+        self.weights = self.edge_weights(model)
+        merged = self.weights
+        if self.merge is not None:
+            merged = np.bincount(self.merge, self.weights, minlength=self.graph.num_edges())
+        self.graph.ep["weight"].a[:] = merged
         return self.graph
 
     def adjacency(self) -> Adjacency:
         """The weighted adjacency of the graph as last built, as fast block products."""
-        weights = np.asarray(self.graph.ep["weight"].a)
-        flow = flow_operator(self.plan.blocks, weights, self.graph.num_vertices())
+        flow = flow_operator(self.plan.blocks, self.weights, self.graph.num_vertices())
         return Adjacency.from_flow(flow)

@@ -81,6 +81,11 @@ def hydra_tags() -> tuple[dict[str, str], Path | None]:
     return tags, hydra_dir if hydra_dir.is_dir() else None
 
 
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics whose value is finite, as floats (MLflow stores no NaN or infinity)."""
+    return {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
+
+
 @dataclass
 class RunLogger:
     """Logs one run's per-epoch metrics and keeps the history table in step with them."""
@@ -90,15 +95,14 @@ class RunLogger:
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log finite metrics at ``step=epoch`` in one call and rewrite ``history.parquet``."""
-        finite = {key: float(v) for key, v in metrics.items() if math.isfinite(v)}
+        finite = finite_metrics(metrics)
         mlflow.log_metrics(finite, step=epoch, run_id=self.run_id)
         self.history.append({"epoch": epoch, **finite})
         self.log_table(pl.DataFrame(self.history, infer_schema_length=None), HISTORY_ARTIFACT)
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:
         """Log end-of-run metrics (test loss and accuracy) at the last epoch."""
-        finite = {key: float(v) for key, v in metrics.items() if math.isfinite(v)}
-        mlflow.log_metrics(finite, step=step, run_id=self.run_id)
+        mlflow.log_metrics(finite_metrics(metrics), step=step, run_id=self.run_id)
 
     def log_table(self, table: pl.DataFrame, artifact_path: str) -> None:
         """Write ``table`` as parquet at ``artifact_path`` in the run's artifacts."""
@@ -138,7 +142,9 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as error:
-        logger.set_tag("mlflow_tg.error", f"{type(error).__name__}: {error}")
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        try:
+            logger.set_tag("mlflow_tg.error", f"{type(error).__name__}: {error}")
+        finally:  # the run ends FAILED even when the store refuses the tag
+            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
+from scipy.sparse.linalg import ArpackNoConvergence
 
 import mlflow_tg.capture as capture
+import mlflow_tg.centrality as centrality
 from mlflow_tg.training import train
 from tests.conftest import all_runs
 
@@ -21,7 +24,9 @@ def test_capture_logs_epoch_zero_and_every_epoch_tables_metrics_and_figure(make_
     result = train(make_cfg("model=lenet", "epochs=2"))
     run = client.get_run(result["run_id"])
     tg_keys = [key for key in run.data.metrics if key.startswith("tg.")]
-    assert 20 <= len(tg_keys) <= 300
+    # per default centrality: 9 statistics + 4 depth quartiles × (mean, gini); + 2 graph sizes
+    assert len(tg_keys) == 3 * (9 + 4 * 2) + 2 == 53
+    assert "capture_time_s" in run.data.metrics
     assert metric_steps(client, run.info.run_id, "tg.eigenvector.mean") == [0, 1, 2]
     nodes_dir = {a.path for a in client.list_artifacts(run.info.run_id, "graph/nodes")}
     assert nodes_dir == {f"graph/nodes/epoch_00{e}.parquet" for e in range(3)}
@@ -83,6 +88,24 @@ def test_non_finite_weights_skip_the_capture_with_a_warning(make_cfg, client, ca
     assert run.data.tags["tg.capture_skipped_epochs"] == "1"
     assert metric_steps(client, run.info.run_id, "tg.strength.mean") == [0]
     assert "graph capture skipped" in caplog.text
+
+
+def test_solver_failure_skips_the_capture_with_a_warning(make_cfg, client, caplog, monkeypatch):
+    def failing_at_epoch_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # one eigsh per capture: epoch 0, then epoch 1
+            raise ArpackNoConvergence("ARPACK error -1", np.empty(0), np.empty((0, 0)))
+        return original(*args, **kwargs)
+
+    calls, original = [], centrality.eigsh
+    monkeypatch.setattr(centrality, "eigsh", failing_at_epoch_one)
+    with caplog.at_level(logging.WARNING):
+        result = train(make_cfg("model=mlp", "epochs=2"))
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tg.capture_skipped_epochs"] == "1"
+    assert metric_steps(client, run.info.run_id, "tg.strength.mean") == [0, 2]
+    assert "epoch 1: graph capture skipped, eigenvector did not converge" in caplog.text
 
 
 @pytest.mark.parametrize("bad", ["graph.every_n_epochs=0", "graph.centralities=[closeness2]"])

@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 from graph_tool import centrality as gt_centrality
 from graph_tool import topology
+from scipy.sparse.linalg import ArpackNoConvergence
 
 from mlflow_tg import centrality
 from mlflow_tg.centrality import (
     CENTRALITIES,
     KATZ_ALPHA_FRACTION,
+    ConvergenceError,
     compute_centralities,
+    conjugate_gradient,
     sample_vertices,
 )
 
@@ -329,3 +332,24 @@ def test_parallel_edges_act_as_one_edge_of_the_summed_weight():
 def test_empty_samples_are_rejected(pivots, sources):
     with pytest.raises(ValueError, match="must be >= 1"):
         compute_centralities(build(CASES["skip"]), ["closeness"], pivots=pivots, sources=sources)
+
+
+def test_conjugate_gradient_stops_at_a_non_finite_residual():
+    products = []
+
+    def overflowing(v: np.ndarray) -> np.ndarray:
+        products.append(v)
+        return v * np.inf
+
+    with pytest.raises(ConvergenceError, match="NaN or infinite"), np.errstate(invalid="ignore"):
+        conjugate_gradient(overflowing, np.ones(4))
+    assert len(products) == 1  # not the 140 iterations of the cap
+
+
+def test_arpack_failure_is_a_convergence_error_naming_the_centrality(monkeypatch):
+    def failing(*args, **kwargs):
+        raise ArpackNoConvergence("ARPACK error -1: No convergence", np.empty(0), np.empty((0, 0)))
+
+    monkeypatch.setattr(centrality, "eigsh", failing)
+    with pytest.raises(ConvergenceError, match=r"^eigenvector did not converge: ARPACK error -1"):
+        compute_centralities(build(CASES["skip"]), ["strength", "eigenvector"])

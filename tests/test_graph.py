@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import graph_tool as gt
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,13 @@ from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import SqueezeExcitation
 
-from mlflow_tg.graph import GraphUnsupportedError, NonFiniteWeightsError, RolledGraphBuilder
+from mlflow_tg.centrality import CENTRALITIES, compute_centralities
+from mlflow_tg.graph import (
+    GraphUnsupportedError,
+    NonFiniteWeightsError,
+    RolledGraphBuilder,
+    block_weights,
+)
 from mlflow_tg.models import build_model
 from tests.conftest import CONF_DIR, compose_config
 
@@ -140,6 +147,14 @@ def test_identity_shortcut_joins_channel_i_to_channel_i_with_weight_one():
     assert_same_graph(labelled_edges(model, (1, 4, 4)), expected)
 
 
+def test_layers_are_numbered_in_data_flow_order():
+    # The shortcut runs before conv1 but its vertices are conv2's: it names no layer.
+    builder = RolledGraphBuilder(Residual(project=True), (1, 4, 4))
+    layers = builder.nodes.unique(["layer", "layer_index"], maintain_order=True).sort("layer_index")
+    assert layers["layer"].to_list() == ["input", "stem", "conv1", "conv2", "head"]
+    assert layers["layer_index"].to_list() == [0, 1, 2, 3, 4]
+
+
 def test_projection_shortcut_is_a_1x1_conv_into_the_block_output():
     model = seeded(Residual(project=True))
     projection, scale = model.shortcut[0].weight.detach(), bn_scale(model.shortcut[1])
@@ -225,6 +240,28 @@ class Transposed(nn.Module):
         return torch.transpose(x, 1, 2)
 
 
+class Reduced(nn.Module):
+    """conv → ``reduce`` → flatten → linear on (B, 4, 4, 4) maps, where H == C."""
+
+    def __init__(self, reduce, features: int) -> None:
+        super().__init__()
+        self.conv, self.reduce, self.fc = nn.Conv2d(1, 4, 1), reduce, nn.Linear(features, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.reduce(self.conv(x)), 1))
+
+
+class LayerScale(nn.Module):
+    """conv(x) · γ, with γ a learnable per-channel scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gamma = nn.Conv2d(1, 2, 1), nn.Parameter(torch.ones(2, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x) * self.gamma
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -242,12 +279,58 @@ class DataDependent(nn.Module):
         (nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(2, 2)), (1, 2, 2), "non-flattened"),
         (DataDependent(), (2,), "torch.fx cannot trace DataDependent"),
         (nn.Sequential(nn.ReLU()), (2,), "no Conv or Linear layer"),
+        (Reduced(lambda x: x.mean(1), 16), (1, 4, 4), "'mean' over dimensions [1]"),
+        (Reduced(lambda x: torch.amax(x, dim=-3), 16), (1, 4, 4), "'amax' over dimensions [-3]"),
+        (Reduced(lambda x: x.mean(dim=(1, 2)), 4), (1, 4, 4), "'mean' over dimensions (1, 2)"),
+        (LayerScale(), (1, 2, 2), "learnable parameter 'gamma'"),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.BatchNorm1d(8), nn.Linear(8, 2)),
+            (1, 2, 2),
+            "BatchNorm '2' of 8 flattened features of 2 channels",
+        ),
     ],
 )
 def test_what_cannot_be_represented_fails_naming_the_operation(model, input_shape, named):
     with pytest.raises(GraphUnsupportedError) as error:
         RolledGraphBuilder(model, input_shape)
     assert named in str(error.value) and "graph.enabled=false" in str(error.value)
+
+
+def test_reductions_over_positions_and_constant_scales_are_channel_wise():
+    assert RolledGraphBuilder(Reduced(lambda x: x.mean((2, 3)), 4), (1, 4, 4)).graph.num_edges()
+    scaled = RolledGraphBuilder(Reduced(lambda x: x * 2.0, 64), (1, 4, 4))
+    assert scaled.graph.num_edges() == 4 + 2 * 4  # conv 1 → 4, fc from 4 channels to 2
+
+
+def test_batchnorm_of_flattened_features_is_ignored_without_folding():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    builder = RolledGraphBuilder(model, (1, 2, 2), fold_batchnorm=False)
+    assert builder.build(model).num_edges() == 2 + 2 * 2
+
+
+def test_batchnorm_after_a_flatten_of_single_positions_folds():
+    model = seeded(
+        nn.Sequential(
+            nn.Conv2d(1, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(2),
+            nn.Linear(2, 1),
+        )
+    ).eval()  # fmt: skip
+    conv, scale = model[0].weight.detach(), bn_scale(model[3])
+    expected = {(("input", 0), ("0", o)): abs(conv[o, 0, 0, 0]) * scale[o] for o in range(2)}
+    expected |= {(("0", c), ("4", 0)): abs(model[4].weight[0, c].detach()) for c in range(2)}
+    assert_same_graph(labelled_edges(model, (1, 3, 3)), expected)
+
+
+def test_structure_is_traced_on_the_device_of_the_model():
+    # meta stands in for an accelerator: the example input must live where the weights do
+    on_cpu = RolledGraphBuilder(build_model("resnet", 2, 1, 16, 10), (1, 16, 16))
+    model = build_model("resnet", 2, 1, 16, 10).to("meta")
+    on_meta = RolledGraphBuilder(model, (1, 16, 16))
+    assert on_meta.nodes.equals(on_cpu.nodes)
+    assert on_meta.graph.num_edges() == on_cpu.graph.num_edges()
+    # the weights are computed where they live (BatchNorm scales included), then moved to numpy
+    for block in on_meta.plan.blocks:
+        assert block_weights(model, block).shape == (len(block.outputs), block.per_group)
 
 
 def test_non_finite_weights_name_the_layer():
@@ -358,7 +441,12 @@ def test_every_configured_model_has_a_rolled_graph(name: str):
     vertices -= sum(m[0].out_channels for n, m in model.named_modules() if n.endswith("shortcut")
                     and isinstance(m, nn.Sequential))  # fmt: skip
     assert graph.num_vertices() == vertices
-    assert builder.nodes["layer_index"].max() + 1 == builder.nodes["layer"].n_unique()
+    # data-flow order is the order the modules are declared in; projections merge into conv2
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    expected = ["input", *(name for name in layers if not name.endswith("shortcut.0"))]
+    ordered = builder.nodes.unique(["layer", "layer_index"]).sort("layer_index")
+    assert ordered["layer"].to_list() == expected
+    assert ordered["layer_index"].to_list() == list(range(len(expected)))
 
 
 class OneConvResidual(nn.Module):
@@ -371,6 +459,72 @@ class OneConvResidual(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         return self.conv(x) + x
+
+
+class Doubled(nn.Module):
+    """A linear layer reading cat([x, x]): each of x's neurons joins each output twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.fc = nn.Linear(1, 2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(torch.cat([x, x], 1))
+
+
+def one_conv_residual_expected(model: OneConvResidual) -> dict:
+    """conv's own edge j → o plus, for o = j, the identity join of weight 1."""
+    stem, conv = model.stem.weight.detach(), model.conv.weight.detach()
+    expected = {(("input", 0), ("stem", o)): abs(stem[o, 0, 0, 0]) for o in range(3)}
+    expected |= {
+        (("stem", j), ("conv", o)): conv[o, j].norm() + (o == j) for o in range(3) for j in range(3)
+    }
+    return expected
+
+
+def doubled_expected(model: Doubled) -> dict:
+    """fc's columns j and j + 2 both read stem neuron j."""
+    stem, fc = model.stem.weight.detach(), model.fc.weight.detach()
+    expected = {(("input", 0), ("stem", o)): abs(stem[o, 0]) for o in range(2)}
+    expected |= {
+        (("stem", j), ("fc", o)): abs(fc[o, j]) + abs(fc[o, j + 2])
+        for o in range(3)
+        for j in range(2)
+    }
+    return expected
+
+
+@pytest.mark.parametrize(
+    ("model", "input_shape", "expected"),
+    [
+        (OneConvResidual(), (1, 4, 4), one_conv_residual_expected),
+        (Doubled(), (1,), doubled_expected),
+    ],
+)
+def test_parallel_edges_merge_into_one_edge_of_their_summed_weight(model, input_shape, expected):
+    model = seeded(model)
+    edges = expected(model)
+    builder = RolledGraphBuilder(model, input_shape)
+    assert_same_graph(labelled_edges(model, input_shape), edges)  # no parallel edge left
+    # every centrality, path-based ones included, sees the graph written out by hand
+    graph = builder.build(model)
+    vertex = {
+        (layer, channel): index
+        for index, layer, channel in builder.nodes.select("node", "layer", "channel").iter_rows()
+    }
+    by_hand = gt.Graph(directed=False)
+    by_hand.add_vertex(graph.num_vertices())
+    by_hand.ep["weight"] = by_hand.new_edge_property("double")
+    for (src, dst), weight in edges.items():
+        by_hand.ep["weight"][by_hand.add_edge(vertex[src], vertex[dst])] = float(weight)
+    n = graph.num_vertices()
+    fast = compute_centralities(
+        graph, CENTRALITIES, pivots=n, sources=n, adjacency=builder.adjacency()
+    )
+    reference = compute_centralities(by_hand, CENTRALITIES, pivots=n, sources=n)
+    for name in CENTRALITIES:
+        np.testing.assert_allclose(fast[name], reference[name], rtol=1e-6, atol=1e-12, err_msg=name)
 
 
 class Repeated(nn.Module):
@@ -411,8 +565,6 @@ def test_block_products_equal_graph_tools_adjacency(model, input_shape):
 
 
 def test_centralities_from_block_products_equal_those_from_graph_tool_matrices():
-    from mlflow_tg.centrality import compute_centralities
-
     model = seeded(torchvision.models.mobilenet_v3_small(num_classes=10))
     builder = RolledGraphBuilder(model, (3, 32, 32))
     graph = builder.build(model)

@@ -6,9 +6,11 @@ import math
 
 import polars as pl
 import pytest
+import torch
 from mlflow.entities import RunStatus
 
 import mlflow_tg.training as training
+from mlflow_tg.tracking import RunLogger
 from mlflow_tg.training import train
 from tests.conftest import CONF_DIR, all_runs
 
@@ -66,15 +68,26 @@ def test_cosine_schedule_reaches_zero(make_cfg, client):
     assert sorted(lrs, reverse=True) == pytest.approx([0.05, 0.025])
 
 
-def test_diverging_run_is_tagged_keeps_finite_metrics_and_finishes(make_cfg, client):
-    result = train(make_cfg("model=mlp", "epochs=4", "optimizer.lr=1e6", "graph=off"))
+def test_diverging_run_is_tagged_keeps_finite_metrics_and_finishes(make_cfg, client, monkeypatch):
+    def blowing_up_at_epoch_three(model, *args):
+        epochs.append(1)
+        if len(epochs) == 3:  # the weights overflow: the loss of the next batch is NaN
+            with torch.no_grad():
+                next(model.parameters()).fill_(math.inf)
+        return original(model, *args)
+
+    epochs, original = [], training.train_one_epoch
+    monkeypatch.setattr(training, "train_one_epoch", blowing_up_at_epoch_three)
+    result = train(make_cfg("model=mlp", "epochs=4", "graph=off"))
     run = client.get_run(result["run_id"])
     assert result["diverged"] and run.data.tags["diverged"] == "true"
     assert run.info.status == "FINISHED"
-    diverged_at = int(run.data.tags["mlflow_tg.diverged_epoch"])
-    history = client.get_metric_history(run.info.run_id, "train_loss")
-    assert all(math.isfinite(m.value) for m in history)
-    assert [m.step for m in history] == list(range(1, diverged_at))
+    assert run.data.tags["mlflow_tg.diverged_epoch"] == "3"
+    assert result["epochs_completed"] == 2
+    for key, steps in (("train_loss", [1, 2]), ("val_loss", [0, 1, 2])):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == steps, key
+        assert all(math.isfinite(m.value) for m in history), key
 
 
 def test_failure_ends_the_run_failed_with_the_message(make_cfg, client, monkeypatch):
@@ -87,6 +100,24 @@ def test_failure_ends_the_run_failed_with_the_message(make_cfg, client, monkeypa
     (run,) = all_runs(client)
     assert run.info.status == "FAILED"
     assert run.data.tags["mlflow_tg.error"] == "RuntimeError: disk on fire"
+
+
+def test_failure_ends_the_run_failed_even_when_the_error_tag_is_refused(
+    make_cfg, client, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    def refused(*args, **kwargs):
+        raise OSError("store unreachable")
+
+    monkeypatch.setattr(training, "evaluate", broken)
+    monkeypatch.setattr(RunLogger, "set_tag", refused)
+    with pytest.raises(OSError) as error:
+        train(make_cfg("model=mlp", "graph=off"))
+    assert isinstance(error.value.__context__, RuntimeError)  # the original error is kept
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED"
 
 
 def test_ctrl_c_ends_the_run_killed(make_cfg, client, monkeypatch):
