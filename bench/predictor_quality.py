@@ -33,14 +33,9 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from mlflow_tg.config import compose_config
-from mlflow_tg.evaluation import (
-    grouped_folds,
-    narrow_half,
-    quality_by_subset,
-    seed_twin_agreement,
-)
+from mlflow_tg.evaluation import grouped_folds, quality_by_subset, seed_twin_agreement
 from mlflow_tg.features import FEATURE_SETS, columns_of
-from mlflow_tg.predictor import TARGET, build_dataset, fit, predict
+from mlflow_tg.predictor import TARGET, build_dataset, fit, fit_and_score, transfer_split
 from mlflow_tg.runs import load_runs
 from mlflow_tg.serving import free_port, request_body, running_server
 
@@ -52,9 +47,7 @@ def out_of_fold(dataset, columns, folds, cfg) -> np.ndarray:
     """Each run's prediction by the model fitted on the other folds."""
     predicted = np.empty(dataset.frame.height)
     for fold in np.unique(folds):
-        train = folds != fold
-        model = fit(dataset.matrix(columns, train), dataset.column(TARGET, train), cfg)
-        predicted[~train] = predict(model, dataset.matrix(columns, ~train))
+        predicted[folds == fold] = fit_and_score(dataset, columns, folds != fold, cfg)[1]
     return predicted
 
 
@@ -62,16 +55,16 @@ def evaluate_k(records, k: int, cfg, folds_count: int) -> dict:
     """Every feature set and both baselines at one k, cross-validated and width-transferred."""
     dataset = build_dataset(records, k, "+".join(FEATURE_SETS))
     folds = grouped_folds(dataset.groups, folds_count, cfg.seed)
-    narrow = narrow_half(dataset.frame["run_width"].to_list())
+    narrow, transfer = transfer_split(dataset.frame["run_width"].to_list())
+    wide = ~narrow if narrow.any() else narrow  # one width: no transfer, NaN scores
     y = dataset.column(TARGET)
     rows = {}
     for sets in SETS:
         columns = columns_of(dataset.feature_columns, sets)
         predicted = out_of_fold(dataset, columns, folds, cfg)
         rows[sets] = {"cv": quality_by_subset(y, predicted, NONTRIVIAL)}
-        model = fit(dataset.matrix(columns, narrow), y[narrow], cfg)
-        transferred = predict(model, dataset.matrix(columns, ~narrow))
-        rows[sets]["transfer"] = quality_by_subset(y[~narrow], transferred, NONTRIVIAL)
+        transferred = fit_and_score(dataset, columns, narrow, cfg)[1] if wide.any() else y[wide]
+        rows[sets]["transfer"] = quality_by_subset(y[wide], transferred, NONTRIVIAL)
     baselines = {f"val_acc@{k}": dataset.column(f"val_acc@{k}")}
     if k >= 1:
         baselines[f"-train_loss.sum@1..{k}"] = -dataset.column("train_loss.sum")
@@ -79,18 +72,24 @@ def evaluate_k(records, k: int, cfg, folds_count: int) -> dict:
         finite = np.nan_to_num(score, nan=-np.inf)  # a run without the metric ranks last
         rows[name] = {
             "cv": quality_by_subset(y, finite, NONTRIVIAL),
-            "transfer": quality_by_subset(y[~narrow], finite[~narrow], NONTRIVIAL),
+            "transfer": quality_by_subset(y[wide], finite[wide], NONTRIVIAL),
         }
         if not name.startswith("val_acc"):  # a ranking score, not an accuracy: no R² or MAE
             for subsets in rows[name].values():
                 for scores in subsets.values():
                     scores["r2"] = scores["mae_points"] = float("nan")
-    return {"runs": dataset.frame.height, "left_out": dataset.left_out, "rows": rows}
+    return {
+        "runs": dataset.frame.height,
+        "left_out": dataset.left_out,
+        "transfer": transfer,
+        "rows": rows,
+    }
 
 
 def print_k(k: int, result: dict) -> None:
     """One table per k: each predictor on all runs and on non-trivial runs."""
     print(f"\nk = {k}: {result['runs']} runs (left out: {result['left_out'] or 'none'})")
+    print(f"width transfer: {result['transfer']}")
     header = f"{'features':<26}{'split':<9}"
     for subset in ("all", "nontrivial"):
         header += "".join(f"{subset[:3] + ' ' + m:>11}" for m in ("R2", "MAE", "rho", "tau"))
@@ -155,7 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
     parser.add_argument("--experiment", default="population")
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 5])
+    parser.add_argument(
+        "--ks", type=int, nargs="*", default=[1, 2, 3, 5], help="none: latency only"
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()

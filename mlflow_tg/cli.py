@@ -11,9 +11,15 @@ from mlflow import MlflowClient
 
 from mlflow_tg.config import compose_config
 from mlflow_tg.features import NotEnoughEpochsError, run_features
-from mlflow_tg.registry import FeatureSpec, version_by_alias
+from mlflow_tg.registry import FeatureSpec, RegistryError, version_by_alias
 from mlflow_tg.runs import RunNotFoundError, load_run
-from mlflow_tg.serving import EndpointError, ask_endpoint, model_columns, predict_in_process
+from mlflow_tg.serving import (
+    EndpointError,
+    ask_endpoint,
+    model_columns,
+    model_row,
+    predict_in_process,
+)
 
 PREDICTION_METRIC = "tg.predicted_test_acc"
 
@@ -29,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--run-id", required=True, help="an mlflow_tg training run")
     predict.add_argument(
         "--endpoint",
-        help="URL of `mlflow models serve` (e.g. http://127.0.0.1:5002); default: load the "
+        help="URL of `mlflow models serve` (e.g. http://127.0.0.1:5001); default: load the "
         "registered model in this process",
     )
     predict.add_argument(
@@ -58,13 +64,13 @@ def predict(args: argparse.Namespace) -> float:
     features = run_features(run.history, run.params, spec.k, spec.sets, args.run_id)
     model_uri = f"models:/{args.model}/{version.version}"
     if args.endpoint:  # only the columns the model reads: a smaller request, a faster answer
-        wanted = model_columns(model_uri)
-        prediction = ask_endpoint(args.endpoint, {c: features[c] for c in wanted if c in features})
+        prediction = ask_endpoint(args.endpoint, model_row(features, model_columns(model_uri)))
+        source = f"{model_uri} via {args.endpoint}"
     else:
         prediction = predict_in_process(model_uri, features)
+        source = f"{model_uri} in process"
     client.log_metric(args.run_id, PREDICTION_METRIC, prediction, step=spec.k)
-    client.set_tag(args.run_id, "mlflow_tg.predicted_by", args.endpoint or model_uri)
-    source = f"endpoint {args.endpoint}" if args.endpoint else model_uri
+    client.set_tag(args.run_id, "mlflow_tg.predicted_by", source)
     print(
         f"run {args.run_id}: predicted final test accuracy {prediction:.4f} "
         f"(from epochs 0..{spec.k}, {source}; logged as {PREDICTION_METRIC})"
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         predict(args)
-    except (RunNotFoundError, NotEnoughEpochsError, EndpointError) as error:
+    except (RunNotFoundError, NotEnoughEpochsError, EndpointError, RegistryError) as error:
         print(f"mlflow-tg: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -63,8 +63,8 @@ def parse_sets(spec: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(name for name in FEATURE_SETS if name in names)
 
 
-def set_name(sets: Iterable[str]) -> str:
-    """The canonical ``graph+curve+hparams`` name of some sets."""
+def set_name(sets: str | Iterable[str]) -> str:
+    """The canonical ``graph+curve+hparams`` name of some sets (``"hparams+graph"`` too)."""
     return "+".join(parse_sets(sets))
 
 
@@ -195,13 +195,26 @@ def columns_of(columns: Iterable[str], sets: str | Iterable[str]) -> list[str]:
     return [column for column in columns if set_of(column) in chosen]
 
 
+def missing_value(column: str) -> float | str:
+    """What a run that did not log ``column`` has there: NaN, or ``"none"`` for a category."""
+    return MISSING_CATEGORY if column in CATEGORICAL_HPARAMS else math.nan
+
+
 def design_matrix(frame: pl.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Feature columns as a model takes them: numbers float64, categories strings."""
-    matrix = frame.select(columns).to_pandas()
-    categories = set(categorical_columns(columns))
+    """Feature columns as a model takes them: numbers float64, categories strings.
+
+    A column the frame lacks is missing in every row, as it is for a run that did not log it
+    when the fitting table has the column.
+    """
+    absent = [
+        pl.lit(None, dtype=pl.String if column in CATEGORICAL_HPARAMS else pl.Float64).alias(column)
+        for column in columns
+        if column not in frame.columns
+    ]
+    matrix = frame.with_columns(absent).select(columns).to_pandas()
     for column in columns:
-        if column in categories:
-            matrix[column] = matrix[column].fillna(MISSING_CATEGORY).astype(str)
+        if column in CATEGORICAL_HPARAMS:
+            matrix[column] = matrix[column].fillna(missing_value(column)).astype(str)
         else:
             matrix[column] = matrix[column].astype("float64")
     return matrix

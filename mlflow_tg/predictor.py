@@ -5,9 +5,9 @@ target = final ``test_acc``. Every set of ``compare_sets`` is fitted on the runs
 training configurations outside a fixed held-out share and scored on the held-out ones, and
 fitted on the narrower half of the widths and scored on the wider half (width transfer), next
 to the baseline a sweep would use anyway: ranking runs by ``val_acc`` at epoch k. The model of
-``feature_sets`` is logged, registered as a new version, and made ``champion`` when it beats
-the current champion on the same held-out runs (else ``challenger``). Everything lands in one
-MLflow run of the ``tracking.experiment`` experiment.
+``feature_sets`` is logged, registered as a new version (tagged with its split), and made
+``champion`` when it beats the current champion on the runs held out from both fits (else
+``challenger``). Everything lands in one MLflow run of the ``tracking.experiment`` experiment.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,12 @@ import pandas as pd
 import polars as pl
 from catboost import CatBoostRegressor
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig, OmegaConf
 
 from mlflow_tg.config import CONF_DIR, ConfigError, is_whole_number
 from mlflow_tg.evaluation import (
     QUALITY_METRICS,
-    in_holdout,
     narrow_half,
     quality,
     quality_by_subset,
@@ -50,19 +51,22 @@ from mlflow_tg.figures import importance_figure, predicted_vs_actual_figure
 from mlflow_tg.registry import (
     CHAMPION,
     FeatureSpec,
+    Holdout,
+    RegistryError,
     log_and_register,
     settle_aliases,
     version_by_alias,
 )
-from mlflow_tg.runs import RunNotFoundError, RunRecord, load_runs
-from mlflow_tg.tracking import use_tracking
+from mlflow_tg.runs import TARGET, RunNotFoundError, RunRecord, load_runs
+from mlflow_tg.serving import predict_frame
+from mlflow_tg.tracking import HISTORY_ARTIFACT, use_tracking
 
 log = logging.getLogger(__name__)
-TARGET = "test_acc"
 # distinct from every feature name ("width" is a feature of the hparams set)
 META_COLUMNS = ("run_id", "group", "seed", "run_width", TARGET)
 SELECTION_METRICS = ("kendall_tau", "spearman", "r2")
 MIN_RUNS = 8
+MIN_COMPARED = 3  # held-out runs below which a comparison with the champion means nothing
 BASELINE = "val_acc@k"
 
 
@@ -93,15 +97,21 @@ class Dataset:
         values = self.frame[name].to_numpy()
         return values if rows is None else values[rows]
 
+    def run_ids(self, rows: np.ndarray) -> list[str]:
+        """The run ids of the selected rows."""
+        return self.frame["run_id"].filter(pl.Series(rows)).to_list()
+
 
 @dataclass
 class Comparison:
-    """Quality of each feature set (and the baseline), and each set's held-out fit."""
+    """Quality of each feature set (and the baseline), and the registered set's held-out fit."""
 
     quality: dict[str, dict[str, dict[str, dict[str, float]]]]  # set → split → subset → scores
-    models: dict[str, CatBoostRegressor]  # fitted without the held-out configurations
-    predictions: dict[str, np.ndarray]  # of the held-out runs
+    model: CatBoostRegressor  # of the registered set, fitted without the held-out configurations
+    predictions: np.ndarray  # its predictions of the held-out runs
+    transfer: str  # which widths the transfer split fits on and scores, or why there is none
 
+    @cached_property
     def table(self) -> pl.DataFrame:
         """One row per feature set (or baseline), split and subset."""
         return pl.DataFrame(
@@ -120,6 +130,9 @@ def build_dataset(records: list[RunRecord], k: int, sets: str) -> Dataset:
     for run in records:
         if TARGET not in run.metrics:
             left_out[f"no {TARGET}"] += 1
+            continue
+        if run.history is None:
+            left_out[f"no {HISTORY_ARTIFACT}"] += 1
             continue
         try:
             features = run_features(run.history, run.params, k, sets, run.run_id)
@@ -177,29 +190,41 @@ def fit_and_score(
     return model, predict(model, dataset.matrix(columns, ~train))
 
 
+def transfer_split(widths: list[float]) -> tuple[np.ndarray, str]:
+    """The narrow-width rows to fit on, and the split in words ('not available: …' if none)."""
+    narrow = narrow_half(widths)
+    distinct = sorted(set(widths))
+    if not narrow.any():  # one width: no narrower half to fit on
+        return narrow, f"not available: it needs 2 distinct widths, the runs have {distinct}"
+    fitted = sorted({width for width, kept in zip(widths, narrow, strict=True) if kept})
+    return narrow, f"fitted on widths {fitted}, scored on the wider ones"
+
+
 def compare(
-    dataset: Dataset, cfg: DictConfig, holdout: np.ndarray, compared: list[str]
+    dataset: Dataset, cfg: DictConfig, holdout: np.ndarray, compared: list[str], registered: str
 ) -> Comparison:
     """Held-out and width-transfer quality of each set, and of ranking by ``val_acc@k``."""
-    narrow = narrow_half(dataset.frame["run_width"].to_list())
+    narrow, transfer = transfer_split(dataset.frame["run_width"].to_list())
+    wide = ~narrow if narrow.any() else narrow  # no transfer: no rows, NaN scores
     y = dataset.column(TARGET)
 
     def scored(predicted_holdout, predicted_wide) -> dict[str, dict[str, dict[str, float]]]:
         return {
             "holdout": quality_by_subset(y[holdout], predicted_holdout, cfg.nontrivial_above),
-            "transfer": quality_by_subset(y[~narrow], predicted_wide, cfg.nontrivial_above),
+            "transfer": quality_by_subset(y[wide], predicted_wide, cfg.nontrivial_above),
         }
 
-    comparison = Comparison({}, {}, {})
+    qualities, registered_fit = {}, None
     for sets in compared:
         columns = columns_of(dataset.feature_columns, sets)
         model, predicted = fit_and_score(dataset, columns, ~holdout, cfg)
-        _, transferred = fit_and_score(dataset, columns, narrow, cfg)
-        comparison.quality[sets] = scored(predicted, transferred)
-        comparison.models[sets], comparison.predictions[sets] = model, predicted
+        transferred = fit_and_score(dataset, columns, narrow, cfg)[1] if wide.any() else y[wide]
+        qualities[sets] = scored(predicted, transferred)
+        if sets == registered:
+            registered_fit = model, predicted
     baseline = dataset.column(f"val_acc@{cfg.k}")
-    comparison.quality[BASELINE] = scored(baseline[holdout], baseline[~narrow])
-    return comparison
+    qualities[BASELINE] = scored(baseline[holdout], baseline[wide])
+    return Comparison(qualities, *registered_fit, transfer)
 
 
 def metric_key(row: dict[str, Any], metric: str) -> str:
@@ -209,39 +234,93 @@ def metric_key(row: dict[str, Any], metric: str) -> str:
 
 
 def champion_predictions(
-    client: MlflowClient, name: str, records: list[RunRecord]
-) -> tuple[dict[str, float], str]:
-    """The current champion's predictions for ``records`` by run id, with its own features."""
-    champion = version_by_alias(client, name, CHAMPION)
-    spec = FeatureSpec.of_version(champion)
+    name: str, champion: ModelVersion, spec: FeatureSpec, records: list[RunRecord]
+) -> dict[str, float]:
+    """The champion's predictions for ``records`` by run id, from its own features."""
     dataset = build_dataset(records, spec.k, spec.sets)
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}")
-    columns = model.metadata.get_input_schema().input_names()
-    predicted = np.ravel(model.predict(design_matrix(dataset.frame, columns)))
-    return dict(zip(dataset.frame["run_id"], predicted, strict=True)), champion.version
+    if not dataset.frame.height:
+        return {}
+    predicted = predict_frame(f"models:/{name}/{champion.version}", dataset.frame)
+    return dict(zip(dataset.frame["run_id"], predicted, strict=True))
+
+
+def shared_holdout(
+    dataset: Dataset, holdout: np.ndarray, current: Holdout, spec: FeatureSpec, version: str
+) -> tuple[set[str], str]:
+    """Run ids held out under both this fit's split and the champion's, and the two in words.
+
+    The champion's split is in its tags; a version registered without them is assumed to have
+    used this fit's.
+    """
+    theirs = spec.holdout or current
+    words = f"this fit's split ({current}) and champion v{version}'s " + (
+        f"({theirs})" if spec.holdout else "(assumed the same: the version has no holdout tags)"
+    )
+    return set(dataset.run_ids(holdout & theirs.rows(dataset.groups))), words
 
 
 def versus_champion(
-    client: MlflowClient,
     cfg: DictConfig,
-    held_out: list[RunRecord],
-    candidate: dict[str, float],
-    actual: dict[str, float],
+    champion: ModelVersion | None,
+    dataset: Dataset,
+    holdout: np.ndarray,
+    candidate: np.ndarray,
+    records: list[RunRecord],
 ) -> tuple[bool, dict[str, float], str]:
-    """Whether the new version beats the champion on the held-out runs both can score."""
-    if version_by_alias(client, cfg.registered_model, CHAMPION) is None:
+    """Whether the new version beats the champion on runs held out from both fits.
+
+    ``candidate`` predicts the ``holdout`` rows. The champion was fitted without its own split,
+    which differs from this one when the seed or the fraction changed since.
+    """
+    if champion is None:
         return True, {}, "first version: no champion yet"
     try:
-        incumbent, version = champion_predictions(client, cfg.registered_model, held_out)
-    except Exception as error:  # an old champion whose features no longer exist, for one
-        log.warning("the champion cannot score the held-out runs: %s", error)
-        return False, {}, f"champion could not score the held-out runs: {error}"
+        spec = FeatureSpec.of_version(champion)
+        current = Holdout(cfg.holdout_fraction, cfg.seed)
+        shared, split = shared_holdout(dataset, holdout, current, spec, champion.version)
+        held = [run for run in records if run.run_id in shared]
+        incumbent = (
+            champion_predictions(cfg.registered_model, champion, spec, held)
+            if len(shared) >= MIN_COMPARED
+            else {}
+        )
+    except Exception as error:  # a version that cannot be loaded cannot serve either
+        log.warning("champion v%s cannot score runs: %s", champion.version, error)
+        verdict = (
+            f"champion v{champion.version} cannot be used ({type(error).__name__}: {error}); a "
+            "champion that cannot be loaded cannot serve either, so the new version replaces it"
+        )
+        return True, {}, verdict
+    ids = dataset.run_ids(holdout)
+    predicted = dict(zip(ids, candidate, strict=True))
+    actual = dict(zip(ids, dataset.column(TARGET, holdout), strict=True))
+    return score_against(cfg, champion.version, predicted, incumbent, actual, split)
+
+
+def score_against(
+    cfg: DictConfig,
+    version: str,
+    candidate: dict[str, float],
+    incumbent: dict[str, float],
+    actual: dict[str, float],
+    split: str,
+) -> tuple[bool, dict[str, float], str]:
+    """Compare both models' predictions, by run id, on the runs both scored."""
     common = sorted(set(candidate) & set(incumbent))
+    if len(common) < MIN_COMPARED:
+        verdict = (
+            f"not compared: only {len(common)} runs held out under both {split} can be scored "
+            f"by both (at least {MIN_COMPARED} needed); the champion stays"
+        )
+        return False, {"runs": float(len(common))}, verdict
     y = np.array([actual[run] for run in common])
     new = quality(y, np.array([candidate[run] for run in common]))[cfg.selection_metric]
     old = quality(y, np.array([incumbent[run] for run in common]))[cfg.selection_metric]
     scores = {"candidate": new, "champion": old, "runs": float(len(common))}
-    verdict = f"{cfg.selection_metric} {new:.4f} vs champion v{version} {old:.4f}"
+    verdict = (
+        f"{cfg.selection_metric} {new:.4f} vs champion v{version} {old:.4f} on the "
+        f"{len(common)} runs held out under both {split}"
+    )
     # NaN (constant predictions have no rank correlation) counts as the worst score
     wins = np.nan_to_num(new, nan=-np.inf) > np.nan_to_num(old, nan=-np.inf)
     return bool(wins), scores, verdict
@@ -277,9 +356,12 @@ def check_predictor_config(cfg: DictConfig) -> None:
 
 def compared_sets(cfg: DictConfig) -> list[str]:
     """The canonical names of the compared sets, the registered one included."""
-    return list(
-        dict.fromkeys(set_name(parse_sets(s)) for s in [*cfg.compare_sets, cfg.feature_sets])
-    )
+    return list(dict.fromkeys(set_name(sets) for sets in [*cfg.compare_sets, cfg.feature_sets]))
+
+
+def dataset_sets(compared: list[str]) -> str:
+    """Every set the compared ones use, and ``curve``: the baseline ``val_acc@k`` is in it."""
+    return set_name({"curve", *(name for sets in compared for name in parse_sets(sets))})
 
 
 def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
@@ -288,26 +370,23 @@ def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
     use_tracking(cfg.tracking)
     client = MlflowClient()
     records = load_runs(client, cfg.source_experiment)
-    compared = compared_sets(cfg)
-    dataset = build_dataset(records, cfg.k, set_name({s for c in compared for s in parse_sets(c)}))
-    holdout = in_holdout(dataset.groups, cfg.holdout_fraction, cfg.seed)
+    compared, registered = compared_sets(cfg), set_name(cfg.feature_sets)
+    dataset = build_dataset(records, cfg.k, dataset_sets(compared))
+    holdout = Holdout(cfg.holdout_fraction, cfg.seed).rows(dataset.groups)
     if dataset.frame.height < MIN_RUNS or min(holdout.sum(), (~holdout).sum()) < 3:
         raise RunNotFoundError(
             f"experiment {cfg.source_experiment!r} has {dataset.frame.height} usable runs "
             f"({int(holdout.sum())} held out), too few to fit and evaluate a predictor (at least "
             f"{MIN_RUNS}, 3 on each side); left out: {dataset.left_out or 'none'}."
         )
-    comparison = compare(dataset, cfg, holdout, compared)
-    table = comparison.table()
+    comparison = compare(dataset, cfg, holdout, compared, registered)
     log.info("%d runs, %d held out; left out: %s", dataset.frame.height, int(holdout.sum()),
              dataset.left_out or "none")  # fmt: skip
+    log.info("width transfer: %s", comparison.transfer)
     with pl.Config(tbl_rows=100, tbl_cols=12, float_precision=3):
-        log.info("\n%s", table)
-    held_out = set(dataset.frame["run_id"].filter(pl.Series(holdout)))
-    outcome = log_predictor_run(
-        client, cfg, dataset, holdout, comparison, [r for r in records if r.run_id in held_out]
-    )
-    return outcome | {"quality": table}
+        log.info("\n%s", comparison.table)
+    outcome = log_predictor_run(client, cfg, dataset, holdout, comparison, records)
+    return outcome | {"quality": comparison.table}
 
 
 def log_predictor_run(
@@ -316,32 +395,34 @@ def log_predictor_run(
     dataset: Dataset,
     holdout: np.ndarray,
     comparison: Comparison,
-    held_records: list[RunRecord],
+    records: list[RunRecord],
 ) -> dict[str, Any]:
     """The predictor's MLflow run: model first (see registry), then comparison and metrics."""
-    wanted = set_name(parse_sets(cfg.feature_sets))
+    wanted = set_name(cfg.feature_sets)
+    champion = version_by_alias(client, cfg.registered_model, CHAMPION)  # before registering
     with mlflow.start_run(run_name=f"predictor-k{cfg.k}-{wanted}") as run:
         mlflow.log_params(predictor_params(cfg, dataset, holdout, wanted))
-        model = comparison.models[wanted]
+        model = comparison.model
         example = dataset.matrix(model.feature_names_, ~holdout).head(50)  # its columns only
-        version = log_and_register(model, example, cfg.registered_model, FeatureSpec(cfg.k, wanted))
-        held_ids = dataset.frame["run_id"].filter(pl.Series(holdout)).to_list()
-        candidate = dict(zip(held_ids, comparison.predictions[wanted], strict=True))
-        actual = dict(zip(held_ids, dataset.column(TARGET, holdout), strict=True))
-        wins, scores, verdict = versus_champion(client, cfg, held_records, candidate, actual)
+        spec = FeatureSpec(cfg.k, wanted, Holdout(cfg.holdout_fraction, cfg.seed))
+        version = log_and_register(model, example, cfg.registered_model, spec)
+        wins, scores, verdict = versus_champion(
+            cfg, champion, dataset, holdout, comparison.predictions, records
+        )
         alias = settle_aliases(client, cfg.registered_model, version, wins)
         mlflow.set_tags(
             {
                 "mlflow_tg.model_version": version.version,
                 "mlflow_tg.alias": alias,
                 "mlflow_tg.comparison": verdict,
+                "mlflow_tg.width_transfer": comparison.transfer,
             }
         )
         mlflow.log_metrics({f"comparison/{key}": value for key, value in scores.items()})
         mlflow.log_metrics(
             {
                 metric_key(row, metric): row[metric]
-                for row in comparison.table().to_dicts()
+                for row in comparison.table.to_dicts()
                 for metric in QUALITY_METRICS
                 if np.isfinite(row[metric])
             }
@@ -361,6 +442,7 @@ def predictor_params(cfg: DictConfig, dataset: Dataset, holdout: np.ndarray, wan
     return {
         "k": cfg.k,
         "feature_sets": wanted,
+        "seed": cfg.seed,
         "source_experiment": cfg.source_experiment,
         "runs": dataset.frame.height,
         "holdout_runs": int(holdout.sum()),
@@ -376,12 +458,12 @@ def log_artifacts(
     dataset: Dataset, holdout: np.ndarray, comparison: Comparison, wanted: str, k: int
 ) -> None:
     """Quality table, training table (also as a dataset input), scatter and importances."""
-    model = comparison.models[wanted]
+    model = comparison.model
     importance = pl.DataFrame(
         {"feature": model.feature_names_, "importance": model.get_feature_importance()}
     ).sort("importance", descending=True)
     tables = {
-        "quality": comparison.table(),
+        "quality": comparison.table,
         "training_table": dataset.frame.with_columns(pl.Series("held_out", holdout)),
         "feature_importance": importance,
     }
@@ -394,7 +476,7 @@ def log_artifacts(
     )
     mlflow.log_input(training, context="training")
     predictions = {
-        wanted: comparison.predictions[wanted],
+        wanted: comparison.predictions,
         f"val_acc@{k} (baseline)": dataset.column(f"val_acc@{k}", holdout),
     }
     scatter = predicted_vs_actual_figure(dataset.column(TARGET, holdout), predictions)
@@ -407,7 +489,7 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     try:
         fit_predictor(cfg)
-    except (ConfigError, RunNotFoundError) as error:
+    except (ConfigError, RunNotFoundError, RegistryError) as error:
         log.error("%s", error)
         sys.exit(2)
 

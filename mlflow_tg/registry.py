@@ -1,38 +1,90 @@
-"""The performance predictor in the MLflow Model Registry: versions, aliases, feature spec.
+"""The performance predictor in the MLflow Model Registry: versions, aliases, version spec.
 
-Each version carries the window ``k`` and the feature sets it was fitted on as tags, so any
+Each version carries as tags the window ``k`` and the feature sets it was fitted on, so any
 client (``mlflow-tg predict``, a new fit comparing itself with the champion) builds exactly the
-features that version expects. Aliases, not stages: ``champion`` is what ``models:/NAME@champion``
-serves; a new version that does not beat it gets ``challenger``.
+features that version expects, and the held-out split it was fitted without, so a new fit
+compares itself with it only on runs neither has seen. Aliases, not stages: ``champion`` is
+what ``models:/NAME@champion`` serves; a new version that does not beat it gets ``challenger``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlflow
+import numpy as np
 import pandas as pd
 from catboost import CatBoostRegressor
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from mlflow_tg.evaluation import in_holdout
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 K_TAG, SETS_TAG = "mlflow_tg.k", "mlflow_tg.feature_sets"
+HOLDOUT_SEED_TAG, HOLDOUT_FRACTION_TAG = "mlflow_tg.holdout_seed", "mlflow_tg.holdout_fraction"
+NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
-@dataclass
+class RegistryError(LookupError):
+    """A registered version that cannot be used as it is, or a registry that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A held-out share of training configurations, chosen by hashing them with a seed."""
+
+    fraction: float
+    seed: int
+
+    def rows(self, groups: Sequence[str]) -> np.ndarray:
+        """Which runs (by training configuration) this split holds out."""
+        return in_holdout(groups, self.fraction, self.seed)
+
+    def __str__(self) -> str:
+        return f"seed {self.seed}, fraction {self.fraction:g}"
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
-    """What a registered version needs: features of epochs 0..k from these sets."""
+    """What a registered version reads, and the held-out split it was fitted without."""
 
-    k: int
+    k: int  # features of epochs 0..k
     sets: str  # canonical "graph+curve+hparams"
+    holdout: Holdout | None = None  # None: registered before versions recorded it
+
+    def tags(self) -> dict[str, str]:
+        """The version tags that record this spec."""
+        tags = {K_TAG: str(self.k), SETS_TAG: self.sets}
+        if self.holdout is not None:
+            tags |= {
+                HOLDOUT_SEED_TAG: str(self.holdout.seed),
+                HOLDOUT_FRACTION_TAG: str(self.holdout.fraction),
+            }
+        return tags
 
     @classmethod
     def of_version(cls, version: ModelVersion) -> FeatureSpec:
-        """The spec a version was registered with."""
-        return cls(int(version.tags[K_TAG]), version.tags[SETS_TAG])
+        """The spec a version was registered with; RegistryError when its tags lack it."""
+        tags = version.tags
+        try:
+            holdout = None
+            if HOLDOUT_SEED_TAG in tags and HOLDOUT_FRACTION_TAG in tags:
+                holdout = Holdout(float(tags[HOLDOUT_FRACTION_TAG]), int(tags[HOLDOUT_SEED_TAG]))
+            return cls(int(tags[K_TAG]), tags[SETS_TAG], holdout)
+        except (KeyError, ValueError) as error:
+            raise RegistryError(
+                f"model {version.name!r} version {version.version} has no usable feature spec "
+                f"in its tags ({error!r}; its tags: {dict(tags)}): mlflow_tg needs {K_TAG} (the "
+                f"window: features of epochs 0..k, a whole number) and {SETS_TAG} (for example "
+                "graph+curve+hparams) to build the features it reads. Versions registered by "
+                "python -m mlflow_tg.predictor carry them; set them on this version, or fit a "
+                "new one."
+            ) from None
 
 
 def log_and_register(
@@ -54,16 +106,27 @@ def log_and_register(
         signature=infer_signature(example, predictions),
         input_example=example.head(1),
     )
-    version = mlflow.register_model(info.model_uri, name, tags={K_TAG: spec.k, SETS_TAG: spec.sets})
+    version = mlflow.register_model(info.model_uri, name, tags=spec.tags())
     return MlflowClient().get_model_version(name, version.version)
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version holding ``alias``, or None (no such model or alias yet)."""
+    """The version holding ``alias``; None when the model or the alias does not exist yet.
+
+    Any other failure (an unreachable server, for one) is a RegistryError, not "none".
+    """
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        model = client.get_registered_model(name)
+        if alias not in model.aliases:
+            return None
+        return client.get_model_version(name, str(model.aliases[alias]))
+    except MlflowException as error:
+        if error.error_code == NOT_FOUND:
+            return None
+        raise RegistryError(
+            f"could not read the alias {alias!r} of model {name!r} from the registry at "
+            f"{client.tracking_uri}: {error.message}"
+        ) from error
 
 
 def settle_aliases(

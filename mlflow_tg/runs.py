@@ -8,6 +8,7 @@ tracking server answers requests in parallel.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,10 +17,17 @@ from pathlib import Path
 import polars as pl
 from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mlflow_tg.tracking import HISTORY_ARTIFACT
 
+log = logging.getLogger(__name__)
 CONFIG_ID_TAG = "mlflow_tg.config_id"
+TARGET = "test_acc"  # final test accuracy: what a finished run is a training example of
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+WARN_RUNS = 5  # run ids named in a warning
 
 
 class RunNotFoundError(LookupError):
@@ -34,63 +42,64 @@ class RunRecord:
     params: dict[str, str]
     tags: dict[str, str]
     metrics: dict[str, float]  # latest value of each metric
-    status: str
-    history: list[dict[str, float]]  # one row per epoch, with "epoch"
+    # one row per epoch, with "epoch"; None: no history artifact, or not read (no final TARGET)
+    history: list[dict[str, float]] | None
 
     @property
     def group(self) -> str:
         """Training configuration without the seed: seed-twins share it."""
         return self.tags.get(CONFIG_ID_TAG, self.run_id)
 
-    @property
-    def epochs_logged(self) -> int:
-        """How many epochs (counting the initialisation) the history holds."""
-        return len(self.history)
+
+def has_artifact(client: MlflowClient, run_id: str, path: str) -> bool:
+    """Whether the run lists the artifact (raises when the store cannot be reached)."""
+    return any(artifact.path == path for artifact in client.list_artifacts(run_id))
 
 
-def read_history(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
-    """The run's per-epoch metrics, from its ``history.parquet``."""
+def read_history(client: MlflowClient, run_id: str) -> list[dict[str, float]] | None:
+    """The run's per-epoch metrics, from its ``history.parquet``; None when it has none."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, HISTORY_ARTIFACT, tmp)
-        except Exception as error:  # MLflow raises several types for a missing artifact
-            raise RunNotFoundError(
-                f"run {run_id} has no {HISTORY_ARTIFACT} artifact ({error}); only runs of "
-                "mlflow_tg's train.py have one."
-            ) from error
+        except MlflowException as error:
+            # MLflow reports any failed download (a network error too) as a missing path: only
+            # a listing without the artifact means the run has none
+            if error.error_code != NOT_FOUND or has_artifact(client, run_id, HISTORY_ARTIFACT):
+                raise
+            return None
         return pl.read_parquet(Path(path)).sort("epoch").to_dicts()
 
 
-def record(client: MlflowClient, run: Run) -> RunRecord:
+def record(client: MlflowClient, run: Run, with_history: bool = True) -> RunRecord:
     """A RunRecord from a run found by search or by id."""
     return RunRecord(
         run_id=run.info.run_id,
         params=dict(run.data.params),
         tags=dict(run.data.tags),
         metrics=dict(run.data.metrics),
-        status=run.info.status,
-        history=read_history(client, run.info.run_id),
+        history=read_history(client, run.info.run_id) if with_history else None,
     )
 
 
 def load_run(client: MlflowClient, run_id: str) -> RunRecord:
-    """One run, running or finished."""
+    """One run, running or finished, with its history."""
     try:
         run = client.get_run(run_id)
     except Exception as error:
         raise RunNotFoundError(
             f"run {run_id!r} is not in the tracking store {client.tracking_uri}: {error}"
         ) from error
-    return record(client, run)
+    found = record(client, run)
+    if found.history is None:
+        raise RunNotFoundError(
+            f"run {run_id} has no {HISTORY_ARTIFACT} artifact; only runs of mlflow_tg's "
+            "train.py have one."
+        )
+    return found
 
 
-def load_runs(
-    client: MlflowClient,
-    experiment: str,
-    status: str = RunStatus.to_string(RunStatus.FINISHED),
-    threads: int = 8,
-) -> list[RunRecord]:
-    """Every run of ``experiment`` with the given status, histories included."""
+def finished_runs(client: MlflowClient, experiment: str) -> list[Run]:
+    """Every finished run of ``experiment``, by one paginated search."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in client.search_experiments(view_type=ViewType.ALL)]
@@ -102,7 +111,7 @@ def load_runs(
     while True:
         page = client.search_runs(
             [found.experiment_id],
-            filter_string=f"attributes.status = '{status}'",
+            filter_string=f"attributes.status = '{FINISHED}'",
             max_results=1000,
             page_token=token,
         )
@@ -110,5 +119,26 @@ def load_runs(
         token = page.token
         if not token:
             break
+    return runs
+
+
+def load_runs(client: MlflowClient, experiment: str, threads: int = 8) -> list[RunRecord]:
+    """Every finished run of ``experiment``, with the history of each that has a final TARGET.
+
+    A run without it is no training example, so its history is not downloaded; a run without
+    a history artifact is kept (history None) for the caller to count, and logged.
+    """
+    runs = finished_runs(client, experiment)
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda run: record(client, run), runs))
+        records = list(pool.map(lambda run: record(client, run, TARGET in run.data.metrics), runs))
+    lacking = [r.run_id for r in records if r.history is None and TARGET in r.metrics]
+    if lacking:
+        named = ", ".join(lacking[:WARN_RUNS]) + (" …" if len(lacking) > WARN_RUNS else "")
+        log.warning(
+            "%d finished runs of %r have no %s and are left out: %s",
+            len(lacking),
+            experiment,
+            HISTORY_ARTIFACT,
+            named,
+        )
+    return records

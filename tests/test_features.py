@@ -14,8 +14,10 @@ from mlflow_tg.features import (
     NotEnoughEpochsError,
     columns_of,
     design_matrix,
+    missing_value,
     parse_sets,
     run_features,
+    set_name,
 )
 
 HISTORY = [
@@ -102,6 +104,7 @@ def test_columns_of_a_full_row_are_the_columns_of_the_set(spec):
 
 def test_set_names_are_checked_and_canonical():
     assert parse_sets("hparams+graph") == ("graph", "hparams")
+    assert set_name("hparams+graph") == set_name(["graph", "hparams"]) == "graph+hparams"
     with pytest.raises(ValueError, match=re.escape("'graph+weights' is not allowed")):
         parse_sets("graph+weights")
 
@@ -111,3 +114,12 @@ def test_design_matrix_types_numbers_as_float64_and_categories_as_strings():
     matrix = design_matrix(frame, ["width", "model"])
     assert matrix["width"].dtype == np.float64 and math.isnan(matrix["width"][1])
     assert matrix["model"].tolist() == ["mlp", "none"]
+
+
+def test_design_matrix_gives_a_column_the_frame_lacks_the_value_of_a_run_without_it():
+    full = pl.DataFrame({"width": [2.0, None], "model": ["mlp", None]})
+    lacking = pl.DataFrame({"run_id": ["a", "b"]})  # neither feature column
+    filled = design_matrix(lacking, ["width", "model"])
+    assert filled.dtypes.tolist() == design_matrix(full, ["width", "model"]).dtypes.tolist()
+    assert filled["width"].isna().all() and filled["model"].tolist() == ["none", "none"]
+    assert missing_value("model") == "none" and math.isnan(missing_value("val_acc@2"))

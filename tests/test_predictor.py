@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import polars as pl
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
 from mlflow_tg.config import ConfigError
+from mlflow_tg.evaluation import in_holdout
 from mlflow_tg.features import columns_of, run_features
-from mlflow_tg.predictor import build_dataset, fit, fit_predictor
-from mlflow_tg.registry import CHAMPION, FeatureSpec, log_and_register
-from mlflow_tg.runs import load_runs
-from tests.conftest import CONF_DIR, predictor_config
+from mlflow_tg.predictor import Dataset, build_dataset, compare, fit, fit_predictor
+from mlflow_tg.registry import (
+    CHAMPION,
+    FeatureSpec,
+    Holdout,
+    RegistryError,
+    log_and_register,
+    version_by_alias,
+)
+from mlflow_tg.runs import load_run, load_runs, read_history
+from mlflow_tg.serving import free_port, model_columns, model_row
+from mlflow_tg.tracking import HISTORY_ARTIFACT
+from tests.conftest import predictor_config
 
 NAME = "tg-performance-predictor"
 
@@ -25,9 +41,10 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     client = MlflowClient(population["uri"])
     version = client.get_model_version_by_alias(NAME, CHAMPION)
     assert champion["alias"] == CHAMPION and version.version == champion["version"]
-    assert FeatureSpec.of_version(version) == FeatureSpec(2, "graph+curve+hparams")
+    assert FeatureSpec.of_version(version) == FeatureSpec(2, "graph+curve+hparams", Holdout(0.4, 0))
     run = client.get_run(champion["run_id"])
     assert run.data.params["runs"] == "24" and run.data.tags["mlflow_tg.alias"] == CHAMPION
+    assert run.data.params["seed"] == "0"
     for key in (
         "holdout/graph_curve_hparams/all/kendall_tau",
         "holdout/graph/nontrivial/r2",
@@ -51,7 +68,6 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     built = run_features(registered_run.history, registered_run.params, 2, "graph+curve+hparams")
     assert len(types) == 64 < len(built) and set(types) <= set(built)  # max_features kept
     categories = {"model", "optimizer", "lr_schedule", "data"}
-    assert {t for name, t in types.items() if name in categories} <= {"string"}
     assert {t for name, t in types.items() if name not in categories} == {"double"}
 
 
@@ -96,6 +112,8 @@ def test_a_better_model_takes_the_champion_alias(population):
     metrics = MlflowClient().get_run(result["run_id"]).data.metrics
     assert metrics["comparison/candidate"] > metrics["comparison/champion"]
     assert metrics["comparison/champion"] < 0
+    verdict = MlflowClient().get_run(result["run_id"]).data.tags["mlflow_tg.comparison"]
+    assert "assumed the same: the version has no holdout tags" in verdict
 
 
 @pytest.mark.parametrize(
@@ -128,15 +146,34 @@ def test_predictor_command_on_an_empty_store_exits_2_naming_the_experiment(tmp_p
     output = result.stdout + result.stderr  # Hydra logs to stdout
     assert "experiment 'population' is not in the tracking store" in output
     assert "Traceback" not in output
-    assert (CONF_DIR / "predictor.yaml").is_file()
 
 
 def test_feature_importances_are_the_registered_models(champion, population):
     client = MlflowClient(population["uri"])
     path = client.download_artifacts(champion["run_id"], "feature_importance.parquet")
     importance = pl.read_parquet(path)
-    assert importance["importance"].sum() == pytest.approx(100, rel=1e-6)
+    mlflow.set_tracking_uri(population["uri"])
+    columns = model_columns(f"models:/{NAME}/{champion['version']}")
+    assert importance.height == len(columns) and set(importance["feature"]) == set(columns)
     assert np.all(np.diff(importance["importance"].to_numpy()) <= 0)
+
+
+def same(a: float | str, b: float | str) -> bool:
+    """Equal values, or both NaN."""
+    both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return a == b or both_nan
+
+
+def test_a_runs_row_of_the_training_table_is_what_it_is_served(champion, population):
+    client = MlflowClient(population["uri"])
+    mlflow.set_tracking_uri(population["uri"])
+    table = pl.read_parquet(client.download_artifacts(champion["run_id"], "training_table.parquet"))
+    columns = model_columns(f"models:/{NAME}/{champion['version']}")
+    for run_id in table["run_id"].head(4):
+        run = load_run(client, run_id)
+        served = model_row(run_features(run.history, run.params, 2, "graph+curve+hparams"), columns)
+        fitted = Dataset(table.filter(pl.col("run_id") == run_id)).matrix(columns).iloc[0]
+        assert all(same(fitted[c], served[c]) for c in columns), run_id
 
 
 def test_fit_keeps_the_most_important_features_and_the_dataset_keeps_width(population):
@@ -150,3 +187,156 @@ def test_fit_keeps_the_most_important_features_and_the_dataset_keeps_width(popul
     assert everything.feature_names_ == list(x.columns)
     top = np.argsort(-everything.get_feature_importance(), kind="stable")[:10]
     assert set(kept.feature_names_) == {x.columns[i] for i in top}
+
+
+HPARAMS_ONLY = ("feature_sets=hparams", "compare_sets=[hparams]")
+
+
+def test_a_fit_without_the_curve_set_still_has_its_baseline_and_typed_categories(population):
+    result = fit_predictor(predictor_config(population, "registered_model=hparams", *HPARAMS_ONLY))
+    assert set(result["quality"]["features"]) == {"hparams", "val_acc@k"}
+    inputs = mlflow.models.get_model_info(f"models:/hparams/{result['version']}").signature.inputs
+    types = {column.name: column.type.name for column in inputs.inputs}
+    categories = {"model", "optimizer", "lr_schedule", "data"}
+    assert categories <= set(types)  # 12 columns, fewer than max_features: all kept
+    assert {types[name] for name in categories} == {"string"}
+    assert {t for name, t in types.items() if name not in categories} == {"double"}
+
+
+def held_out_by_both(population, seeds: tuple[int, int]) -> tuple[int, int, int]:
+    """Runs held out under seed a, under seed b, and under both (fraction 0.4)."""
+    mlflow.set_tracking_uri(population["uri"])
+    groups = build_dataset(load_runs(MlflowClient(), "population"), 2, "hparams").groups
+    first, second = (in_holdout(groups, 0.4, seed) for seed in seeds)
+    return int(first.sum()), int(second.sum()), int((first & second).sum())
+
+
+def test_a_champion_of_another_seed_is_compared_on_the_runs_both_held_out(population):
+    theirs, ours, both = held_out_by_both(population, (2, 0))
+    assert 3 <= both < min(theirs, ours)  # the population's configurations give an overlap
+    overrides = ("registered_model=seed-test", *HPARAMS_ONLY)
+    first = fit_predictor(predictor_config(population, *overrides, "seed=2"))
+    second = fit_predictor(predictor_config(population, *overrides))
+    client = MlflowClient(population["uri"])
+    registered = client.get_model_version("seed-test", first["version"])
+    assert FeatureSpec.of_version(registered).holdout == Holdout(0.4, 2)
+    run = client.get_run(second["run_id"])
+    assert run.data.metrics["comparison/runs"] == both
+    assert f"the {both} runs held out under both" in second["verdict"]
+    assert "(seed 0, fraction 0.4)" in second["verdict"]
+    assert "(seed 2, fraction 0.4)" in second["verdict"]
+
+
+def test_no_comparison_and_no_promotion_when_too_few_runs_are_held_out_by_both(population):
+    assert held_out_by_both(population, (1, 0))[2] < 3
+    overrides = ("registered_model=disjoint-test", *HPARAMS_ONLY)
+    fit_predictor(predictor_config(population, *overrides, "seed=1"))
+    second = fit_predictor(predictor_config(population, *overrides))
+    assert second["alias"] == "challenger"
+    assert second["verdict"].startswith("not compared: only 0 runs held out under both")
+
+
+def test_a_champion_that_cannot_be_loaded_is_replaced_naming_the_error(population, tmp_path):
+    name = "broken-test"
+    client = MlflowClient(population["uri"])
+    client.create_registered_model(name)
+    spec = FeatureSpec(2, "hparams", Holdout(0.4, 0))
+    broken = client.create_model_version(name, str(tmp_path / "gone"), tags=spec.tags())
+    client.set_registered_model_alias(name, CHAMPION, broken.version)
+    result = fit_predictor(predictor_config(population, f"registered_model={name}", *HPARAMS_ONLY))
+    assert result["alias"] == CHAMPION
+    verdict = client.get_run(result["run_id"]).data.tags["mlflow_tg.comparison"]
+    assert verdict.startswith(f"champion v{broken.version} cannot be used (")
+    assert "cannot serve either" in verdict
+    assert client.get_model_version_by_alias(name, CHAMPION).version == result["version"]
+
+
+def test_width_transfer_of_runs_of_one_width_is_not_available(population):
+    mlflow.set_tracking_uri(population["uri"])
+    dataset = build_dataset(load_runs(MlflowClient(), "population"), 2, "curve+hparams")
+    narrow = Dataset(dataset.frame.filter(pl.col("run_width") == 2))
+    holdout = np.arange(narrow.frame.height) % 3 == 0
+    cfg = predictor_config(population)
+    comparison = compare(narrow, cfg, holdout, ["hparams"], "hparams")
+    assert comparison.transfer == "not available: it needs 2 distinct widths, the runs have [2.0]"
+    transfer = comparison.table.filter(pl.col("split") == "transfer")
+    assert transfer.height == 4 and (transfer["runs"] == 0).all()
+    assert transfer["kendall_tau"].is_nan().all()
+
+
+def log_run(client: MlflowClient, experiment: str, metrics: dict, history: list | None) -> str:
+    """A finished run with these metrics and, unless None, this history artifact."""
+    run_id = client.create_run(experiment).info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    if history is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            pl.DataFrame(history).write_parquet(Path(tmp) / HISTORY_ARTIFACT)
+            client.log_artifact(run_id, str(Path(tmp) / HISTORY_ARTIFACT))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_a_finished_run_without_history_is_left_out_and_logged(client, tmp_path, caplog):
+    experiment = client.create_experiment("population", str(tmp_path / "artifacts"))
+    history = [
+        {"epoch": 0, "val_acc": 0.1, "val_loss": 2.0, "train_loss": None, "train_acc": None},
+        {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.5, "train_acc": 0.4},
+    ]
+    good = log_run(client, experiment, {"test_acc": 0.6}, history)
+    bare = log_run(client, experiment, {"test_acc": 0.7}, None)
+    unscored = log_run(client, experiment, {}, history)  # finished, no final accuracy
+    client.create_run(experiment)  # still running: not listed
+    with caplog.at_level(logging.WARNING, logger="mlflow_tg.runs"):
+        records = {r.run_id: r for r in load_runs(client, "population")}
+    assert set(records) == {good, bare, unscored}
+    assert records[good].history == history
+    assert records[bare].history is None and records[unscored].history is None  # not read
+    assert f"1 finished runs of 'population' have no {HISTORY_ARTIFACT}" in caplog.text
+    assert bare in caplog.text
+    dataset = build_dataset(list(records.values()), 1, "curve")
+    assert dataset.frame["run_id"].to_list() == [good]
+    assert dataset.left_out == {"no test_acc": 1, f"no {HISTORY_ARTIFACT}": 1}
+
+
+class FailingDownloads:
+    """A client whose downloads fail as MLflow's do, and whose listing shows ``listed``."""
+
+    def __init__(self, code: int, listed: list[str]):
+        self.code, self.listed = code, listed
+
+    def download_artifacts(self, run_id, path, dst_path):
+        raise MlflowException("Failed to download artifacts", error_code=self.code)
+
+    def list_artifacts(self, run_id):
+        return [type("FileInfo", (), {"path": path}) for path in self.listed]
+
+
+def test_only_a_missing_history_reads_as_none_a_failing_store_raises():
+    assert read_history(FailingDownloads(RESOURCE_DOES_NOT_EXIST, []), "r") is None
+    with pytest.raises(MlflowException):  # listed, so the download failed for another reason
+        read_history(FailingDownloads(RESOURCE_DOES_NOT_EXIST, [HISTORY_ARTIFACT]), "r")
+    with pytest.raises(MlflowException):
+        read_history(FailingDownloads(INTERNAL_ERROR, []), "r")
+
+
+def test_registry_reads_no_model_or_alias_as_none_and_an_unreachable_one_as_an_error(
+    client, monkeypatch
+):
+    assert version_by_alias(client, "nothing", CHAMPION) is None
+    client.create_registered_model("aliasless")
+    assert version_by_alias(client, "aliasless", CHAMPION) is None
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    unreachable = MlflowClient(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RegistryError, match="could not read the alias 'champion' of model 'x'"):
+        version_by_alias(unreachable, "x", CHAMPION)
+
+
+def test_a_version_without_its_feature_tags_is_a_clear_error(client, tmp_path):
+    client.create_registered_model("untagged")
+    version = client.create_model_version("untagged", str(tmp_path), tags={"mlflow_tg.k": "2"})
+    with pytest.raises(RegistryError) as error:
+        FeatureSpec.of_version(version)
+    message = str(error.value)
+    assert "model 'untagged' version 1 has no usable feature spec" in message
+    assert "mlflow_tg.k" in message and "mlflow_tg.feature_sets" in message
