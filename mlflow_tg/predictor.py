@@ -166,9 +166,10 @@ def catboost(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegress
 def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
     """CatBoost on the ``max_features`` most important columns of a first fit on all of them.
 
-    Serving cost grows with the columns (MLflow checks each one's type; CatBoost converts
-    each): 886 columns take 64 ms per prediction in-process, 64 take 4 ms, and held-out
-    quality did not change. Selection happens inside the fit, so evaluations include it.
+    Serving cost grows with the columns (MLflow's scoring server casts and checks each one;
+    CatBoost converts each): one prediction through ``mlflow models serve`` took 128 ms with
+    all 886 columns, 11 ms with 64 and 7 ms with 32, while held-out quality stayed level.
+    Selection happens inside the fit, so evaluations include it.
     """
     model = catboost(x, y, cfg)
     if cfg.max_features and x.shape[1] > cfg.max_features:

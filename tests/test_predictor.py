@@ -66,7 +66,8 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     types = {column.name: column.type.name for column in inputs.inputs}
     registered_run = next(iter(load_runs(MlflowClient(population["uri"]), "population")))
     built = run_features(registered_run.history, registered_run.params, 2, "graph+curve+hparams")
-    assert len(types) == 64 < len(built) and set(types) <= set(built)  # max_features kept
+    kept = predictor_config(population).max_features
+    assert len(types) == kept < len(built) and set(types) <= set(built)
     categories = {"model", "optimizer", "lr_schedule", "data"}
     assert {t for name, t in types.items() if name not in categories} == {"double"}
 
