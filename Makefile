@@ -71,7 +71,7 @@ serve: setup
 
 # make predict RUN=<run id> [ENDPOINT=http://127.0.0.1:5001]
 predict: setup
-	$(PY) -m mlflow_tg.cli predict --run-id "$(RUN)" $(if $(ENDPOINT),--endpoint $(ENDPOINT))
+	$(PY) -m mlflow_tg.serve.cli predict --run-id "$(RUN)" $(if $(ENDPOINT),--endpoint $(ENDPOINT))
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -6,9 +6,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mlflow_tg.config import ConfigError
-from mlflow_tg.data import DataNotFoundError
-from mlflow_tg.training import train
+from mlflow_tg.errors import InputError
+from mlflow_tg.job import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -16,7 +15,7 @@ def main(cfg: DictConfig) -> float:
     """Run the job; return the final test accuracy (the value a Hydra sweeper optimises)."""
     try:
         return train(cfg)["test_acc"]
-    except (ConfigError, DataNotFoundError) as error:  # bad input: no run was created
+    except InputError as error:  # bad input: no run was created
         logging.getLogger("train").error("%s", error)
         sys.exit(2)
 

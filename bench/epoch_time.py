@@ -15,9 +15,9 @@ import time
 import torch
 
 from mlflow_tg.config import compose_config, resolve_device
-from mlflow_tg.data import ImageData, ImageSplit, load_data
-from mlflow_tg.models import BUILDERS, build_model
-from mlflow_tg.training import make_optimizer, train_one_epoch
+from mlflow_tg.train.data import ImageData, ImageSplit, load_data
+from mlflow_tg.train.loop import make_optimizer, train_one_epoch
+from mlflow_tg.train.models import BUILDERS, build_model
 
 
 def cifar_shaped(images: int) -> ImageData:

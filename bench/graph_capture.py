@@ -24,10 +24,10 @@ import mlflow
 import torch
 import torchvision
 
-from mlflow_tg.centrality import CENTRALITIES, compute_centralities, set_threads
 from mlflow_tg.config import compose_config
-from mlflow_tg.graph import RolledGraphBuilder
-from mlflow_tg.models import build_model
+from mlflow_tg.graph.build import RolledGraphBuilder
+from mlflow_tg.graph.centrality import CENTRALITIES, compute_centralities, set_threads
+from mlflow_tg.train.models import build_model
 
 DEFAULT = list(compose_config([]).graph.centralities)
 MODELS = {  # name: (builder, input shape)
@@ -89,8 +89,8 @@ def in_fresh_process(function, *args):
 def capture_versus_epoch(images: int, threads: int) -> dict:
     """One default capture, logged to a real MLflow store, next to one training epoch."""
     from epoch_time import cifar_shaped, seconds_per_epoch
-
     from mlflow_tg.capture import GraphCapture
+
     from mlflow_tg.tracking import RunLogger, use_tracking
 
     torch.set_num_threads(threads)

@@ -31,37 +31,55 @@ import pandas as pd
 import requests
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
+from sklearn.model_selection import GroupKFold
 
 from mlflow_tg.config import compose_config
-from mlflow_tg.evaluation import grouped_folds, quality_by_subset, seed_twin_agreement
-from mlflow_tg.features import FEATURE_SETS, columns_of
-from mlflow_tg.predictor import TARGET, build_dataset, fit, fit_and_score, transfer_split
-from mlflow_tg.runs import load_runs
-from mlflow_tg.serving import free_port, request_body, running_server
+from mlflow_tg.keys import TARGET
+from mlflow_tg.predictor.dataset import build_dataset
+from mlflow_tg.predictor.evaluate import (
+    quality_by_subset,
+    seed_twin_agreement,
+    transfer_split,
+)
+from mlflow_tg.predictor.features import FEATURE_SETS, columns_of
+from mlflow_tg.predictor.fit import fit, fit_and_score
+from mlflow_tg.serve.client import request_body
+from mlflow_tg.tracking.runs import load_runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests/
+from tests.servers import free_port, running_server  # noqa: E402
 
 SETS = ["graph", "curve", "hparams", "curve+hparams", "graph+hparams", "graph+curve+hparams"]
 NONTRIVIAL = 0.5
 
 
-def out_of_fold(dataset, columns, folds, cfg) -> np.ndarray:
-    """Each run's prediction by the model fitted on the other folds."""
-    predicted = np.empty(dataset.frame.height)
-    for fold in np.unique(folds):
-        predicted[folds == fold] = fit_and_score(dataset, columns, folds != fold, cfg)[1]
+def out_of_fold(dataset, columns, folds: int, cfg) -> np.ndarray:
+    """Each run's prediction by the model fitted on the other folds (seed-twins share a fold).
+
+    sklearn's GroupKFold, not the hashed placement of the registry's holdout (``in_holdout``):
+    every run is scored here on every call, so a run need not keep its fold as the population
+    grows, and GroupKFold balances the folds (24 configurations × 2 seeds in 5 folds: hashed
+    2-14 runs per fold, GroupKFold 8-10).
+    """
+    groups = dataset.groups
+    predicted = np.empty(len(groups))
+    for fitted, scored in GroupKFold(folds).split(groups, groups=groups):
+        train = np.zeros(len(groups), dtype=bool)
+        train[fitted] = True
+        predicted[scored] = fit_and_score(dataset, columns, train, cfg)[1]
     return predicted
 
 
 def evaluate_k(records, k: int, cfg, folds_count: int) -> dict:
     """Every feature set and both baselines at one k, cross-validated and width-transferred."""
     dataset = build_dataset(records, k, "+".join(FEATURE_SETS))
-    folds = grouped_folds(dataset.groups, folds_count, cfg.seed)
     narrow, transfer = transfer_split(dataset.frame["run_width"].to_list())
     wide = ~narrow if narrow.any() else narrow  # one width: no transfer, NaN scores
     y = dataset.column(TARGET)
     rows = {}
     for sets in SETS:
         columns = columns_of(dataset.feature_columns, sets)
-        predicted = out_of_fold(dataset, columns, folds, cfg)
+        predicted = out_of_fold(dataset, columns, folds_count, cfg)
         rows[sets] = {"cv": quality_by_subset(y, predicted, NONTRIVIAL)}
         transferred = fit_and_score(dataset, columns, narrow, cfg)[1] if wide.any() else y[wide]
         rows[sets]["transfer"] = quality_by_subset(y[wide], transferred, NONTRIVIAL)

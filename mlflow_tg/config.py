@@ -17,6 +17,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from mlflow_tg.errors import ConfigError
+
 # The project's configs live beside the package (the package is installed editable).
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -39,10 +41,6 @@ def compose_config(overrides: list[str] | None = None, name: str = "config") -> 
     """Compose ``conf/<name>.yaml`` with overrides, as ``train.py`` would, outside a Hydra app."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work, with what is allowed instead."""
 
 
 def is_whole_number(value: Any) -> bool:
@@ -76,7 +74,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_graph(graph: DictConfig) -> None:
     """Reject graph-capture options that would fail mid-run or silently measure nothing."""
-    from mlflow_tg.centrality import CENTRALITIES
+    from mlflow_tg.graph.centrality import CENTRALITIES
 
     for key, minimum in (("every_n_epochs", 1), ("pivots", 1), ("sources", 1), ("threads", 0)):
         value = graph.get(key)

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from mlflow_tg.config import CONF_DIR, compose_config
-from mlflow_tg.serving import free_port, running_server
+from tests.servers import free_port, running_server
 
 __all__ = ["CONF_DIR", "all_runs", "compose_config"]
 
@@ -88,7 +88,7 @@ def population(tmp_path_factory) -> dict[str, str]:
     """
     import itertools
 
-    from mlflow_tg.training import train
+    from mlflow_tg.job import train
 
     folder = tmp_path_factory.mktemp("population")
     store = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "artifacts": str(folder / "artifacts")}
@@ -131,6 +131,6 @@ def predictor_config(store: dict[str, str], *overrides: str) -> DictConfig:
 @pytest.fixture(scope="session")
 def champion(population) -> dict:
     """The predictor fitted once on the population and registered as champion."""
-    from mlflow_tg.predictor import fit_predictor
+    from mlflow_tg.predictor.job import fit_predictor
 
     return fit_predictor(predictor_config(population))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence
 
-import mlflow_tg.capture as capture
-import mlflow_tg.centrality as centrality
-from mlflow_tg.training import train
+import mlflow_tg.graph.capture as capture
+import mlflow_tg.graph.centrality as centrality
+from mlflow_tg.job import train
 from tests.conftest import all_runs
 
 
@@ -27,7 +27,7 @@ def test_capture_logs_epoch_zero_and_every_epoch_tables_metrics_and_figure(make_
     # per default centrality: 9 statistics + 4 depth quartiles × (mean, gini); + 2 graph sizes
     assert len(tg_keys) == 3 * (9 + 4 * 2) + 2 == 53
     assert "capture_time_s" in run.data.metrics
-    assert metric_steps(client, run.info.run_id, "tg.eigenvector.mean") == [0, 1, 2]
+    assert metric_steps(client, run.info.run_id, "tg.eigenvector/mean") == [0, 1, 2]
     nodes_dir = {a.path for a in client.list_artifacts(run.info.run_id, "graph/nodes")}
     assert nodes_dir == {f"graph/nodes/epoch_00{e}.parquet" for e in range(3)}
     layers = {a.path for a in client.list_artifacts(run.info.run_id, "graph/layers")}
@@ -40,7 +40,7 @@ def test_capture_logs_epoch_zero_and_every_epoch_tables_metrics_and_figure(make_
     assert nodes.height == 1 + 2 + 4 + 16 + 8 + 10
     assert {"strength", "eigenvector", "pagerank"} <= set(nodes.columns)
     history = pl.read_parquet(client.download_artifacts(run.info.run_id, "history.parquet"))
-    assert history["tg.eigenvector.mean"].null_count() == 0
+    assert history["tg.eigenvector/mean"].null_count() == 0
 
 
 def test_capture_does_not_change_training(make_cfg, client):
@@ -55,7 +55,7 @@ def test_capture_does_not_change_training(make_cfg, client):
 
 def test_every_n_epochs_thins_captures_but_keeps_epoch_zero(make_cfg, client):
     result = train(make_cfg("model=mlp", "epochs=4", "graph.every_n_epochs=3"))
-    assert metric_steps(client, result["run_id"], "tg.strength.mean") == [0, 3]
+    assert metric_steps(client, result["run_id"], "tg.strength/mean") == [0, 3]
 
 
 def test_graph_off_logs_no_graph_metrics(make_cfg, client):
@@ -85,8 +85,8 @@ def test_non_finite_weights_skip_the_capture_with_a_warning(make_cfg, client, ca
         result = train(make_cfg("model=mlp", "epochs=1"))
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["tg.capture_skipped_epochs"] == "1"
-    assert metric_steps(client, run.info.run_id, "tg.strength.mean") == [0]
+    assert run.data.tags["mlflow_tg.capture_skipped_epochs"] == "1"
+    assert metric_steps(client, run.info.run_id, "tg.strength/mean") == [0]
     assert "graph capture skipped" in caplog.text
 
 
@@ -103,14 +103,14 @@ def test_solver_failure_skips_the_capture_with_a_warning(make_cfg, client, caplo
         result = train(make_cfg("model=mlp", "epochs=2"))
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["tg.capture_skipped_epochs"] == "1"
-    assert metric_steps(client, run.info.run_id, "tg.strength.mean") == [0, 2]
+    assert run.data.tags["mlflow_tg.capture_skipped_epochs"] == "1"
+    assert metric_steps(client, run.info.run_id, "tg.strength/mean") == [0, 2]
     assert "epoch 1: graph capture skipped, eigenvector did not converge" in caplog.text
 
 
 @pytest.mark.parametrize("bad", ["graph.every_n_epochs=0", "graph.centralities=[closeness2]"])
 def test_bad_graph_options_fail_before_the_run(make_cfg, client, bad):
-    from mlflow_tg.config import ConfigError
+    from mlflow_tg.errors import ConfigError
 
     with pytest.raises(ConfigError):
         train(make_cfg(bad))

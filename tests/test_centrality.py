@@ -12,8 +12,8 @@ from graph_tool import centrality as gt_centrality
 from graph_tool import topology
 from scipy.sparse.linalg import ArpackNoConvergence
 
-from mlflow_tg import centrality
-from mlflow_tg.centrality import (
+from mlflow_tg.graph import centrality
+from mlflow_tg.graph.centrality import (
     CENTRALITIES,
     KATZ_ALPHA_FRACTION,
     ConvergenceError,

@@ -43,7 +43,7 @@ def test_readme_main_command_runs_end_to_end_on_the_embedded_default(tmp_path: P
     client, (run,) = runs_in(tmp_path)
     assert run.info.status == "FINISHED" and run.info.run_name == "resnet-w16-s0"
     assert run.data.tags["mlflow_tg.overrides"] == "model=resnet width=16"
-    for key in ("val_acc", "tg.eigenvector.mean", "tg.strength.depth3.gini"):
+    for key in ("val_acc", "tg.eigenvector/mean", "tg.strength/depth3.gini"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == list(range(11)), key
     figure = {a.path for a in client.list_artifacts(run.info.run_id, "graph")}

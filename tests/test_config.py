@@ -11,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mlflow_tg.config import ConfigError, check_config, config_id
-from mlflow_tg.models import build_model
-from mlflow_tg.training import make_optimizer, train
+from mlflow_tg.job import train
+from mlflow_tg.train.loop import make_optimizer
+from mlflow_tg.train.models import build_model
 from tests.conftest import CONF_DIR, all_runs, compose_config
 
 ROOT = CONF_DIR.parent

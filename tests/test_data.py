@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 import torch
 
-from mlflow_tg.data import DataNotFoundError, batches, load_data, prepare_batch, random_crop
+from mlflow_tg.train.data import DataNotFoundError, batches, load_data, prepare_batch, random_crop
 from tests.conftest import compose_config
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlflow_tg.evaluation import (
-    grouped_folds,
+from mlflow_tg.predictor.evaluate import (
     in_holdout,
     narrow_half,
     quality,
@@ -44,12 +43,6 @@ def test_holdout_keeps_seed_twins_together_and_is_stable():
     # a configuration keeps its side when the population grows
     assert (in_holdout(groups + ["new"] * 2, 0.25)[:400] == held).all()
     assert not (in_holdout(groups, 0.25, seed=1) == held).all()
-
-
-def test_grouped_folds_keep_twins_together_and_cover_every_fold():
-    groups = [f"config{i}" for i in range(100) for _ in range(2)]
-    folds = grouped_folds(groups, 5)
-    assert (folds[::2] == folds[1::2]).all() and set(folds) == {0, 1, 2, 3, 4}
 
 
 def test_narrow_half_of_the_widths():

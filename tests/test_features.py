@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mlflow_tg.features import (
+from mlflow_tg.predictor.features import (
     FEATURE_SETS,
     NotEnoughEpochsError,
     columns_of,
@@ -21,11 +21,11 @@ from mlflow_tg.features import (
 )
 
 HISTORY = [
-    {"epoch": 0, "val_loss": 2.3, "val_acc": 0.1, "tg.strength.mean": 2.0},
+    {"epoch": 0, "val_loss": 2.3, "val_acc": 0.1, "tg.strength/mean": 2.0},
     {"epoch": 1, "val_loss": 1.0, "val_acc": 0.5, "train_loss": 1.5, "train_acc": 0.4,
-     "tg.strength.mean": 3.0},
+     "tg.strength/mean": 3.0},
     {"epoch": 2, "val_loss": 0.5, "val_acc": 0.8, "train_loss": 0.7, "train_acc": 0.7,
-     "tg.strength.mean": 5.0},
+     "tg.strength/mean": 5.0},
     {"epoch": 3, "val_loss": 0.4, "val_acc": 0.9, "train_loss": 0.4, "train_acc": 0.9},
 ]  # fmt: skip
 PARAMS = {
@@ -48,12 +48,12 @@ def test_graph_features_are_values_change_slope_and_relative_change():
     features = run_features(HISTORY, PARAMS, k=2, sets="graph")
     assert features == pytest.approx(
         {
-            "tg.strength.mean@0": 2.0,
-            "tg.strength.mean@1": 3.0,
-            "tg.strength.mean@2": 5.0,
-            "tg.strength.mean.change": 3.0,
-            "tg.strength.mean.slope": 1.5,  # least squares through (0, 2), (1, 3), (2, 5)
-            "tg.strength.mean.relchange": 1.5,
+            "tg.strength/mean@0": 2.0,
+            "tg.strength/mean@1": 3.0,
+            "tg.strength/mean@2": 5.0,
+            "tg.strength/mean.change": 3.0,
+            "tg.strength/mean.slope": 1.5,  # least squares through (0, 2), (1, 3), (2, 5)
+            "tg.strength/mean.relchange": 1.5,
         }
     )
 
@@ -78,8 +78,8 @@ def test_hparams_are_numbers_and_categories():
 
 def test_a_metric_missing_at_an_epoch_is_nan():
     features = run_features(HISTORY, PARAMS, k=3, sets="graph")
-    assert math.isnan(features["tg.strength.mean@3"])
-    assert features["tg.strength.mean.slope"] == pytest.approx(1.5)  # from the epochs it has
+    assert math.isnan(features["tg.strength/mean@3"])
+    assert features["tg.strength/mean.slope"] == pytest.approx(1.5)  # from the epochs it has
 
 
 def test_too_few_epochs_say_how_many_there_are_and_are_needed():
@@ -123,3 +123,12 @@ def test_design_matrix_gives_a_column_the_frame_lacks_the_value_of_a_run_without
     assert filled.dtypes.tolist() == design_matrix(full, ["width", "model"]).dtypes.tolist()
     assert filled["width"].isna().all() and filled["model"].tolist() == ["none", "none"]
     assert missing_value("model") == "none" and math.isnan(missing_value("val_acc@2"))
+
+
+def test_runs_logged_with_the_older_dotted_graph_keys_give_the_same_features():
+    older = [
+        {key.replace("tg.strength/", "tg.strength."): value for key, value in row.items()}
+        for row in HISTORY
+    ]
+    assert "tg.strength.mean" in older[0]
+    assert run_features(older, {}, 2, "graph+curve") == run_features(HISTORY, {}, 2, "graph+curve")

@@ -13,14 +13,11 @@ from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import SqueezeExcitation
 
-from mlflow_tg.centrality import CENTRALITIES, compute_centralities
-from mlflow_tg.graph import (
-    GraphUnsupportedError,
-    NonFiniteWeightsError,
-    RolledGraphBuilder,
-    block_weights,
-)
-from mlflow_tg.models import build_model
+from mlflow_tg.graph.build import RolledGraphBuilder
+from mlflow_tg.graph.centrality import CENTRALITIES, compute_centralities
+from mlflow_tg.graph.trace import GraphUnsupportedError
+from mlflow_tg.graph.weights import NonFiniteWeightsError, block_weights
+from mlflow_tg.train.models import build_model
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -153,6 +150,21 @@ def test_layers_are_numbered_in_data_flow_order():
     layers = builder.nodes.unique(["layer", "layer_index"], maintain_order=True).sort("layer_index")
     assert layers["layer"].to_list() == ["input", "stem", "conv1", "conv2", "head"]
     assert layers["layer_index"].to_list() == [0, 1, 2, 3, 4]
+
+
+def test_a_sum_keeps_the_label_of_its_first_operand_even_beside_a_larger_merged_set():
+    # c's vertices are kept and the merged a + b joins them: a set by size would be labelled a.
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.a, self.b = (nn.Conv2d(2, 3, 1) for _ in range(3))
+            self.head = nn.Conv2d(3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.c(x) + (self.a(x) + self.b(x)))
+
+    nodes = RolledGraphBuilder(Nested(), (2, 4, 4)).nodes
+    assert nodes["layer"].to_list() == ["input"] * 2 + ["c"] * 3 + ["head"]
 
 
 def test_projection_shortcut_is_a_1x1_conv_into_the_block_output():

@@ -17,11 +17,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
-from mlflow_tg.config import ConfigError
-from mlflow_tg.evaluation import in_holdout
-from mlflow_tg.features import columns_of, run_features
-from mlflow_tg.predictor import Dataset, build_dataset, compare, fit, fit_predictor
-from mlflow_tg.registry import (
+from mlflow_tg.errors import ConfigError
+from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
+from mlflow_tg.predictor.dataset import Dataset, build_dataset
+from mlflow_tg.predictor.evaluate import compare, in_holdout
+from mlflow_tg.predictor.features import columns_of, run_features
+from mlflow_tg.predictor.fit import fit
+from mlflow_tg.predictor.job import fit_predictor
+from mlflow_tg.predictor.registry import (
     CHAMPION,
     FeatureSpec,
     Holdout,
@@ -29,10 +32,10 @@ from mlflow_tg.registry import (
     log_and_register,
     version_by_alias,
 )
-from mlflow_tg.runs import load_run, load_runs, read_history
-from mlflow_tg.serving import free_port, model_columns, model_row
-from mlflow_tg.tracking import HISTORY_ARTIFACT
+from mlflow_tg.predictor.scoring import model_columns, model_row
+from mlflow_tg.tracking.runs import load_run, load_runs, read_history
 from tests.conftest import predictor_config
+from tests.servers import free_port
 
 NAME = "tg-performance-predictor"
 
@@ -64,7 +67,8 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     assert dataset.dataset.name == "predictor-training-table"
     inputs = mlflow.models.get_model_info(f"models:/{NAME}@{CHAMPION}").signature.inputs
     types = {column.name: column.type.name for column in inputs.inputs}
-    registered_run = next(iter(load_runs(MlflowClient(population["uri"]), "population")))
+    records = load_runs(MlflowClient(population["uri"]), "population")
+    registered_run = next(r for r in records if r.history is not None)
     built = run_features(registered_run.history, registered_run.params, 2, "graph+curve+hparams")
     kept = predictor_config(population).max_features
     assert len(types) == kept < len(built) and set(types) <= set(built)

@@ -17,21 +17,14 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from mlflow_tg.features import run_features
-from mlflow_tg.runs import load_run
-from mlflow_tg.serving import (
-    EndpointError,
-    ask_endpoint,
-    free_port,
-    model_columns,
-    model_row,
-    predict_in_process,
-    request_body,
-    running_server,
-)
-from mlflow_tg.tracking import HISTORY_ARTIFACT
-from mlflow_tg.training import train
+from mlflow_tg.job import train
+from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
+from mlflow_tg.predictor.features import run_features
+from mlflow_tg.predictor.scoring import model_columns, model_row, predict_in_process
+from mlflow_tg.serve.client import EndpointError, ask_endpoint, request_body
+from mlflow_tg.tracking.runs import load_run
 from tests.conftest import compose_config
+from tests.servers import free_port, running_server
 
 NAME = "tg-performance-predictor"
 BIN = Path(sys.executable).parent
@@ -133,7 +126,7 @@ def test_cli_predicts_and_logs_to_the_run(endpoint, population, run_id, champion
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"run {run_id}: predicted final test accuracy" in result.stdout
     client = MlflowClient(population["uri"])
-    (logged,) = [m for m in client.get_metric_history(run_id, "tg.predicted_test_acc")][-1:]
+    (logged,) = [m for m in client.get_metric_history(run_id, "predicted/test_acc")][-1:]
     expected = catboost_prediction(population, champion["version"], features_of(population, run_id))
     assert logged.step == 2 and logged.value == pytest.approx(expected)
     assert f"{logged.value:.4f}" in result.stdout
@@ -177,7 +170,7 @@ def test_a_run_lacking_model_columns_gets_one_prediction_by_both_paths(
             result = mlflow_tg(*command, *extra)
             assert result.returncode == 0, result.stderr[-3000:]
             assert f"the run lacks {len(lacking)} of the model's {len(columns)}" in result.stderr
-        served, local = (m.value for m in client.get_metric_history(live, "tg.predicted_test_acc"))
+        served, local = (m.value for m in client.get_metric_history(live, "predicted/test_acc"))
     finally:
         client.set_terminated(live)
     assert lacking and served == pytest.approx(local)
@@ -211,7 +204,7 @@ def test_cli_predicts_a_run_that_is_still_running(population, run_id, champion):
         result = mlflow_tg("predict", "--run-id", live, "--tracking-uri", population["uri"])
         assert result.returncode == 0, result.stderr[-3000:]
         assert client.get_run(live).info.status == "RUNNING"
-        assert "tg.predicted_test_acc" in client.get_run(live).data.metrics
+        assert "predicted/test_acc" in client.get_run(live).data.metrics
     finally:
         client.set_terminated(live)
 

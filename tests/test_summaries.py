@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mlflow_tg.centrality import CENTRALITIES
-from mlflow_tg.summaries import (
+from mlflow_tg.graph.centrality import CENTRALITIES
+from mlflow_tg.graph.summaries import (
     GLOBAL_STATS,
     depth_buckets,
     gini,
@@ -57,20 +57,20 @@ def test_summary_keys_are_the_documented_ones_and_values_match_numpy():
     rng = np.random.default_rng(0)
     values = {name: rng.random(nodes.height) for name in CENTRALITIES}
     metrics = summary_metrics(node_table(nodes, values), edges=40)
-    expected_keys = {"tg.graph.vertices", "tg.graph.edges"}
+    expected_keys = {"tg.graph/vertices", "tg.graph/edges"}
     for name in CENTRALITIES:
-        expected_keys |= {f"tg.{name}.{stat}" for stat in GLOBAL_STATS}
-        expected_keys |= {f"tg.{name}.depth{b}.{s}" for b in range(4) for s in ("mean", "gini")}
+        expected_keys |= {f"tg.{name}/{stat}" for stat in GLOBAL_STATS}
+        expected_keys |= {f"tg.{name}/depth{b}.{s}" for b in range(4) for s in ("mean", "gini")}
     assert set(metrics) == expected_keys and len(metrics) == 121
     strength = values["strength"]
-    assert metrics["tg.strength.mean"] == pytest.approx(strength.mean())
-    assert metrics["tg.strength.std"] == pytest.approx(strength.std())
-    assert metrics["tg.strength.q90"] == pytest.approx(np.quantile(strength, 0.9))
-    assert metrics["tg.strength.max"] == pytest.approx(strength.max())
+    assert metrics["tg.strength/mean"] == pytest.approx(strength.mean())
+    assert metrics["tg.strength/std"] == pytest.approx(strength.std())
+    assert metrics["tg.strength/q90"] == pytest.approx(np.quantile(strength, 0.9))
+    assert metrics["tg.strength/max"] == pytest.approx(strength.max())
     # layers 0..5 → depth buckets 0,0,1,2,2,3 (layer * 4 // 6): bucket 0 = the first 6 vertices
-    assert metrics["tg.strength.depth0.mean"] == pytest.approx(strength[:6].mean())
-    assert metrics["tg.strength.depth3.gini"] == pytest.approx(gini(strength[15:]))
-    assert metrics["tg.graph.vertices"] == 18 and metrics["tg.graph.edges"] == 40
+    assert metrics["tg.strength/depth0.mean"] == pytest.approx(strength[:6].mean())
+    assert metrics["tg.strength/depth3.gini"] == pytest.approx(gini(strength[15:]))
+    assert metrics["tg.graph/vertices"] == 18 and metrics["tg.graph/edges"] == 40
 
 
 def test_layer_table_aggregates_each_layer():

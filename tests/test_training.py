@@ -9,9 +9,10 @@ import pytest
 import torch
 from mlflow.entities import RunStatus
 
-import mlflow_tg.training as training
-from mlflow_tg.tracking import RunLogger
-from mlflow_tg.training import train
+import mlflow_tg.train.loop as training
+from mlflow_tg.job import train
+from mlflow_tg.keys import ERROR
+from mlflow_tg.tracking.run import RunLogger
 from tests.conftest import CONF_DIR, all_runs
 
 TRAINING_METRICS = ["train_loss", "train_acc", "epoch_time_s", "lr"]
@@ -108,8 +109,9 @@ def test_failure_ends_the_run_failed_even_when_the_error_tag_is_refused(
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    def refused(*args, **kwargs):
-        raise OSError("store unreachable")
+    def refused(self, key, value):
+        if key == ERROR:
+            raise OSError("store unreachable")
 
     monkeypatch.setattr(training, "evaluate", broken)
     monkeypatch.setattr(RunLogger, "set_tag", refused)

@@ -9,19 +9,15 @@ import sys
 import mlflow
 from mlflow import MlflowClient
 
-from mlflow_tg.config import compose_config
-from mlflow_tg.features import NotEnoughEpochsError, run_features
-from mlflow_tg.registry import FeatureSpec, RegistryError, version_by_alias
-from mlflow_tg.runs import RunNotFoundError, load_run
-from mlflow_tg.serving import (
-    EndpointError,
-    ask_endpoint,
-    model_columns,
-    model_row,
-    predict_in_process,
-)
+from mlflow_tg import keys
+from mlflow_tg.predictor.features import NotEnoughEpochsError, run_features
+from mlflow_tg.predictor.registry import FeatureSpec, RegistryError, version_by_alias
+from mlflow_tg.predictor.scoring import model_columns, model_row, predict_in_process
+from mlflow_tg.serve.client import EndpointError, ask_endpoint
+from mlflow_tg.tracking.runs import RunNotFoundError, load_run
 
-PREDICTION_METRIC = "tg.predicted_test_acc"
+# The embedded store of conf/tracking/local.yaml, where train.py logs by default.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,12 +36,12 @@ def parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI") or compose_config([]).tracking.uri,
+        default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
         help="where the run and the registry are (default: $MLFLOW_TRACKING_URI or the "
         "embedded store, sqlite:///mlflow.db)",
     )
-    predict.add_argument("--model", default="tg-performance-predictor", help="registered model")
-    predict.add_argument("--alias", default="champion", help="its version to use")
+    predict.add_argument("--model", default=keys.REGISTERED_MODEL, help="registered model")
+    predict.add_argument("--alias", default=keys.CHAMPION, help="its version to use")
     return cli
 
 
@@ -69,11 +65,11 @@ def predict(args: argparse.Namespace) -> float:
     else:
         prediction = predict_in_process(model_uri, features)
         source = f"{model_uri} in process"
-    client.log_metric(args.run_id, PREDICTION_METRIC, prediction, step=spec.k)
-    client.set_tag(args.run_id, "mlflow_tg.predicted_by", source)
+    client.log_metric(args.run_id, keys.PREDICTED, prediction, step=spec.k)
+    client.set_tag(args.run_id, keys.PREDICTED_BY, source)
     print(
         f"run {args.run_id}: predicted final test accuracy {prediction:.4f} "
-        f"(from epochs 0..{spec.k}, {source}; logged as {PREDICTION_METRIC})"
+        f"(from epochs 0..{spec.k}, {source}; logged as {keys.PREDICTED})"
     )
     return prediction
 

@@ -20,14 +20,24 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 
-from mlflow_tg.evaluation import in_holdout
+from mlflow_tg.keys import (
+    CHALLENGER,
+    CHAMPION,
+    HOLDOUT_FRACTION_TAG,
+    HOLDOUT_SEED_TAG,
+    K_TAG,
+    SETS_TAG,
+)
+from mlflow_tg.predictor.evaluate import in_holdout
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-K_TAG, SETS_TAG = "mlflow_tg.k", "mlflow_tg.feature_sets"
-HOLDOUT_SEED_TAG, HOLDOUT_FRACTION_TAG = "mlflow_tg.holdout_seed", "mlflow_tg.holdout_fraction"
 NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
 
 
 class RegistryError(LookupError):
@@ -114,12 +124,16 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
     """The version holding ``alias``; None when the model or the alias does not exist yet.
 
     Any other failure (an unreachable server, for one) is a RegistryError, not "none".
+    MLflow reports a missing alias as INVALID_PARAMETER_VALUE, the code of a malformed name or
+    alias too, so only then are the model's aliases read to tell the two apart.
     """
     try:
-        model = client.get_registered_model(name)
-        if alias not in model.aliases:
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException as error:
+            if error.error_code != INVALID or alias in client.get_registered_model(name).aliases:
+                raise
             return None
-        return client.get_model_version(name, str(model.aliases[alias]))
     except MlflowException as error:
         if error.error_code == NOT_FOUND:
             return None

@@ -1,4 +1,4 @@
-"""Figures logged to MLflow runs."""
+"""The figure of a run's graph dynamics, logged at the end of the run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # runs happen on servers and in CI: never open a window
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from mlflow_tg.summaries import DEPTH_BUCKETS
+from mlflow_tg.graph.summaries import DEPTH_BUCKETS
+from mlflow_tg.keys import graph_metric
 
 GLOBAL_LINES = ("mean", "std", "q90", "max", "gini")
 DEPTH_LINES = tuple(f"depth{bucket}.mean" for bucket in range(DEPTH_BUCKETS))
@@ -34,7 +35,7 @@ def trajectory_figure(
     for column, name in enumerate(centralities):
         for axis, lines in zip(axes[:, column], (GLOBAL_LINES, DEPTH_LINES), strict=True):
             for stat in lines:
-                values = [row.get(f"tg.{name}.{stat}", math.nan) for row in trajectory]
+                values = [row.get(graph_metric(name, stat), math.nan) for row in trajectory]
                 if values[0] and math.isfinite(values[0]):
                     axis.plot(epochs, [v / values[0] for v in values], "o-", ms=3, label=stat)
             axis.axhline(1.0, color="grey", lw=0.5)
@@ -46,33 +47,4 @@ def trajectory_figure(
     figure.suptitle("Graph dynamics: centrality summaries relative to the initialisation")
     figure.tight_layout()
     plt.close(figure)  # MLflow renders it; keep pyplot's registry from growing
-    return figure
-
-
-def predicted_vs_actual_figure(actual, predictions: dict[str, Sequence[float]]) -> Figure:
-    """One scatter per predictor: its score of each held-out run against the final accuracy."""
-    figure, axes = plt.subplots(
-        1, len(predictions), figsize=(4.2 * len(predictions), 4), squeeze=False
-    )
-    for axis, (label, predicted) in zip(axes[0], predictions.items(), strict=True):
-        axis.scatter(actual, predicted, s=12, alpha=0.7)
-        axis.plot([0, 1], [0, 1], color="grey", lw=0.8)
-        axis.set_xlabel("final test accuracy")
-        axis.set_ylabel("prediction")
-        axis.set_title(label, fontsize="medium")
-    figure.suptitle("Held-out runs: prediction against final accuracy")
-    figure.tight_layout()
-    plt.close(figure)
-    return figure
-
-
-def importance_figure(importance) -> Figure:
-    """Horizontal bars of the most important features (a polars frame: feature, importance)."""
-    names, values = importance["feature"].to_list(), importance["importance"].to_list()
-    figure, axis = plt.subplots(figsize=(7, 0.28 * len(names) + 1))
-    axis.barh(names[::-1], values[::-1])
-    axis.set_xlabel("CatBoost importance (prediction change)")
-    axis.tick_params(axis="y", labelsize="small")
-    figure.tight_layout()
-    plt.close(figure)
     return figure

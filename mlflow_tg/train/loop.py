@@ -1,4 +1,4 @@
-"""The training job: config → data → model → epochs (with graph capture) → MLflow run."""
+"""The epoch loop: initial evaluation, training epochs, hooks after each, final test."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from mlflow_tg.capture import GraphCapture, NoCapture, make_capture
-from mlflow_tg.config import check_config, resolve_device
-from mlflow_tg.data import ImageData, ImageSplit, batches, load_data
-from mlflow_tg.models import build_model
-from mlflow_tg.tracking import RunLogger, tracked_run
+from mlflow_tg import keys
+from mlflow_tg.tracking.run import RunLogger
+from mlflow_tg.train.data import ImageData, ImageSplit, batches
+from mlflow_tg.train.hooks import Epoch, EpochHook
 
 log = logging.getLogger(__name__)
 
@@ -111,28 +110,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job tracked in MLflow; return its final metrics.
-
-    The config is checked before any data is loaded, and the model's graph traced, before any
-    run is created: bad input never leaves a run behind.
-    """
-    check_config(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    data = load_data(cfg.data)
-    generator = seed_everything(cfg.seed)
-    options = OmegaConf.to_container(cfg.model, resolve=True)
-    name = options.pop("name")
-    model = build_model(
-        name, cfg.width, data.in_channels, data.image_size, data.num_classes, **options
-    ).to(device)
-    capture = make_capture(cfg.graph, model, data.input_shape())
-    with tracked_run(cfg) as run:
-        return fit(cfg, model, data, device, generator, run, capture)
-
-
 def fit(
     cfg: DictConfig,
     model: nn.Module,
@@ -140,24 +117,31 @@ def fit(
     device: torch.device,
     generator: torch.Generator,
     run: RunLogger,
-    capture: GraphCapture | NoCapture,
+    hooks: list[EpochHook],
 ) -> dict[str, Any]:
-    """The epoch loop: epoch 0 is the initialisation, then ``cfg.epochs`` training epochs."""
+    """The epoch loop: epoch 0 is the initialisation, then ``cfg.epochs`` training epochs.
+
+    After each epoch's evaluation, every hook sees the epoch in turn; one may end training
+    early (it says why), and the run then goes to its test evaluation like a completed one.
+    """
     optimizer = make_optimizer(cfg, model.parameters())
     schedule = make_schedule(cfg, optimizer)
     val = evaluate(model, data.val, data, cfg.batch_size, device)
-    initial = {"val_loss": val.loss, "val_acc": val.accuracy}
-    run.log_epoch(0, initial | capture.maybe(0, model, run))
+    initial = {keys.VAL_LOSS: val.loss, keys.VAL_ACC: val.accuracy}
+    stop = end_epoch(Epoch(0, model, initial, list(run.history)), run, hooks)
     last_epoch, diverged = 0, False
     for epoch in range(1, cfg.epochs + 1):
+        if stop:
+            log.info("training stops after epoch %d: %s", last_epoch, stop)
+            break
         start = time.perf_counter()
         train_result = train_one_epoch(
             model, data, optimizer, cfg.batch_size, device, generator, f"epoch {epoch}"
         )
         if train_result.diverged:
             diverged = True
-            run.set_tag("diverged", "true")
-            run.set_tag("mlflow_tg.diverged_epoch", epoch)
+            run.set_tag(keys.DIVERGED, "true")
+            run.set_tag(keys.DIVERGED_EPOCH, epoch)
             log.warning("epoch %d: loss is NaN or infinite; the run stops here", epoch)
             break
         lr = optimizer.param_groups[0]["lr"]
@@ -165,28 +149,44 @@ def fit(
             schedule.step()
         val = evaluate(model, data.val, data, cfg.batch_size, device)
         metrics = {
-            "train_loss": train_result.loss,
-            "train_acc": train_result.accuracy,
-            "val_loss": val.loss,
-            "val_acc": val.accuracy,
-            "epoch_time_s": time.perf_counter() - start,
-            "lr": lr,
+            keys.TRAIN_LOSS: train_result.loss,
+            keys.TRAIN_ACC: train_result.accuracy,
+            keys.VAL_LOSS: val.loss,
+            keys.VAL_ACC: val.accuracy,
+            keys.EPOCH_TIME: time.perf_counter() - start,
+            keys.LEARNING_RATE: lr,
         }
-        run.log_epoch(epoch, metrics | capture.maybe(epoch, model, run))
+        stop = end_epoch(Epoch(epoch, model, dict(metrics), list(run.history)), run, hooks)
         last_epoch = epoch
         log.info(
             "epoch %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  (%.1f s)",
             *(epoch, cfg.epochs, train_result.loss, train_result.accuracy),
-            *(val.loss, val.accuracy, metrics["epoch_time_s"]),
+            *(val.loss, val.accuracy, metrics[keys.EPOCH_TIME]),
         )
     test = evaluate(model, data.test, data, cfg.batch_size, device)
-    run.log_final({"test_loss": test.loss, "test_acc": test.accuracy}, step=last_epoch)
-    capture.finish(run)
+    run.log_final({keys.TEST_LOSS: test.loss, keys.TEST_ACC: test.accuracy}, step=last_epoch)
+    for hook in hooks:
+        hook.on_end(run)
+    run.describe(outcome(test.accuracy, last_epoch, cfg.epochs, diverged, stop))
     log.info("test_loss %.4f  test_acc %.4f  (run %s)", test.loss, test.accuracy, run.run_id)
     return {
-        "test_loss": test.loss,
-        "test_acc": test.accuracy,
+        keys.TEST_LOSS: test.loss,
+        keys.TEST_ACC: test.accuracy,
         "epochs_completed": last_epoch,
         "diverged": diverged,
         "run_id": run.run_id,
     }
+
+
+def end_epoch(epoch: Epoch, run: RunLogger, hooks: list[EpochHook]) -> str | None:
+    """Run the hooks on an evaluated epoch, log its metrics in one call; why to stop, if so."""
+    for hook in hooks:
+        hook.on_epoch(epoch, run)
+    run.log_epoch(epoch.number, epoch.metrics)
+    return epoch.stop
+
+
+def outcome(test_acc: float, epochs: int, planned: int, diverged: bool, stop: str | None) -> str:
+    """How the run ended, in one line of its MLflow description."""
+    ending = "diverged" if diverged else (f"stopped: {stop}" if stop else "completed")
+    return f"test accuracy **{test_acc:.3f}** after {epochs} of {planned} epochs ({ending})"

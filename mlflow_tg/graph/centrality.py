@@ -41,15 +41,17 @@ from ``numpy.random.default_rng(seed)`` (see :func:`sample_vertices`): determini
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import graph_tool as gt
 import numpy as np
 from graph_tool import centrality, spectral, topology
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, svds
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, cg, eigsh, svds
+
+from mlflow_tg.graph.operator import Adjacency
 
 CENTRALITIES: tuple[str, ...] = (
     "strength",
@@ -65,29 +67,6 @@ KATZ_ALPHA_FRACTION = 0.5
 PAGERANK_DAMPING = 0.85
 # ARPACK (eigsh, svds) needs k < N; below this size a dense decomposition is exact and instant.
 _DENSE_MAX_VERTICES = 2
-
-
-@dataclass(frozen=True)
-class Adjacency:
-    """Weighted adjacency of a rolled graph: ``undirected`` W and its data-flow half ``flow``.
-
-    ``flow[i, j] = w(j → i)`` and ``W = flow + flowᵀ``. Each is anything with ``@`` (a sparse
-    matrix, a LinearOperator), so a caller that knows the graph's structure can pass fast
-    products instead of matrices exported from graph-tool.
-    """
-
-    undirected: Any
-    flow: Any
-
-    @classmethod
-    def from_flow(cls, flow: LinearOperator) -> Adjacency:
-        """W from the data-flow operator, as ``x ↦ flow x + flowᵀ x``."""
-
-        def both_ways(x: np.ndarray) -> np.ndarray:  # W is symmetric: its own transpose
-            return flow.matvec(x) + flow.rmatvec(x)
-
-        undirected = LinearOperator(flow.shape, both_ways, rmatvec=both_ways, dtype=np.float64)
-        return cls(undirected, flow)
 
 
 class ConvergenceError(ArithmeticError):
@@ -246,28 +225,41 @@ def _eigenvector(context: _Context) -> np.ndarray:
     return context.perron[1].copy()
 
 
+# scipy 1.12 renamed cg's relative tolerance tol → rtol (1.14 removed tol); 1.10 and 1.11 only
+# know tol.
+_CG_RTOL = "rtol" if "rtol" in inspect.signature(cg).parameters else "tol"
+
+
 def conjugate_gradient(
     matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, rtol: float = 1e-10
 ) -> np.ndarray:
-    """Solve ``M x = b`` for a symmetric positive-definite M given as ``matvec``.
+    """Solve ``M x = b`` for a symmetric positive-definite M given as ``matvec`` (scipy's cg).
+
+    scipy's cg spends one product more than the hand-written CG it replaced (the residual of
+    its start vector), measured on a rolled torchvision ResNet-18 (4,907 vertices, 1.9 M
+    edges): PageRank 20.8 ms against 18.7, Katz 13.1 against 11.4 (ResNet-50: 610 against
+    623 ms, 250 against 191), under 1 % of a capture; same solutions to 1e-15.
 
     Raises:
-        ConvergenceError: When the residual is NaN or infinite (an overflow in M or b), which
-            no further iteration can repair.
+        ConvergenceError: At the first NaN or infinite product or right-hand side (an overflow
+            in M or b), which no further iteration can repair; or when the relative residual
+            is still above ``rtol`` after ``10 len(b) + 100`` iterations.
     """
-    x, r = np.zeros_like(b), b.copy()
-    p, rs, stop = r.copy(), r @ r, rtol**2 * (b @ b)
-    for _ in range(10 * len(b) + 100):  # exact arithmetic needs ≤ len(b) steps
-        if not np.isfinite(rs):
-            raise ConvergenceError("conjugate gradients: the residual is NaN or infinite")
-        if rs <= stop:
-            break
-        mp = matvec(p)
-        alpha = rs / (p @ mp)
-        x += alpha * p
-        r -= alpha * mp
-        rs, previous = r @ r, rs
-        p = r + (rs / previous) * p
+    overflow = "conjugate gradients: the residual is NaN or infinite"
+
+    def checked(v: np.ndarray) -> np.ndarray:
+        product = matvec(np.ravel(v))
+        if not np.isfinite(product).all():
+            raise ConvergenceError(overflow)
+        return product
+
+    if not np.isfinite(b).all():
+        raise ConvergenceError(overflow)
+    n = len(b)
+    operator = LinearOperator((n, n), matvec=checked, dtype=np.float64)
+    x, info = cg(operator, b, maxiter=10 * n + 100, atol=0.0, **{_CG_RTOL: rtol})
+    if info != 0:
+        raise ConvergenceError(f"conjugate gradients did not converge (scipy cg info {info})")
     return x
 
 

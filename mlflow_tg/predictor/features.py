@@ -2,7 +2,7 @@
 
 ``run_features(history, params, k, sets)`` turns epochs 0..k of a run into one row. The sets:
 
-- ``graph``: every ``tg.*`` summary metric at epochs 0..k (``tg.strength.mean@0`` …), plus its
+- ``graph``: every ``tg.*`` summary metric at epochs 0..k (``tg.strength/mean@0`` …), plus its
   change (``@k - @0``), its least-squares slope over the window and its relative change
   (``change / |@0|``, scale-free, so it carries across widths);
 - ``curve``: ``val_loss``/``val_acc`` at epochs 0..k, ``train_loss``/``train_acc`` at 1..k,
@@ -25,9 +25,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import pandas as pd
 import polars as pl
 
+from mlflow_tg import keys
+from mlflow_tg.keys import is_graph_metric, upgrade_graph_key
+
 FEATURE_SETS = ("graph", "curve", "hparams")
-CURVE_AT_EPOCH_ZERO = ("val_loss", "val_acc")
-CURVE_FROM_EPOCH_ONE = ("train_loss", "train_acc")
+CURVE_AT_EPOCH_ZERO = (keys.VAL_LOSS, keys.VAL_ACC)
+CURVE_FROM_EPOCH_ONE = (keys.TRAIN_LOSS, keys.TRAIN_ACC)
 NUMERIC_HPARAMS = {  # feature name: (param key, transform)
     "width": ("width", float),
     "log10_lr": ("optimizer.lr", lambda value: math.log10(float(value))),
@@ -69,8 +72,11 @@ def set_name(sets: str | Iterable[str]) -> str:
 
 
 def by_epoch(history: Sequence[Mapping[str, float]]) -> dict[int, Mapping[str, float]]:
-    """History rows keyed by epoch."""
-    return {int(row["epoch"]): row for row in history}
+    """History rows keyed by epoch, graph keys of older runs in today's form."""
+    return {
+        int(row["epoch"]): {upgrade_graph_key(key): value for key, value in row.items()}
+        for row in history
+    }
 
 
 def require_epochs(rows: dict[int, Mapping[str, float]], k: int, run: str) -> None:
@@ -97,7 +103,12 @@ def window(name: str, values: list[float], epochs: list[int]) -> dict[str, float
 
 
 def slope(epochs: list[int], values: list[float]) -> float:
-    """Least-squares slope of ``values`` over ``epochs`` (NaN values left out)."""
+    """Least-squares slope of ``values`` over ``epochs`` (NaN values left out).
+
+    Not ``scipy.stats.linregress`` (same slopes to 2e-16): it also computes r, p-value and
+    standard errors, and made ``run_features`` of one 4-epoch run with 914 columns (129
+    slopes, k=3) 9x slower, 5.7 ms against 0.62 ms.
+    """
     points = [(e, v) for e, v in zip(epochs, values, strict=True) if math.isfinite(v)]
     if len(points) < 2:
         return math.nan
@@ -110,7 +121,7 @@ def slope(epochs: list[int], values: list[float]) -> float:
 def graph_features(rows: dict[int, Mapping[str, float]], k: int) -> dict[str, float]:
     """Every ``tg.*`` summary over epochs 0..k."""
     epochs = list(range(k + 1))
-    keys = sorted(key for key in rows[0] if key.startswith("tg."))
+    keys = sorted(key for key in rows[0] if is_graph_metric(key))
     features: dict[str, float] = {}
     for key in keys:
         features |= window(key, [value(rows[e], key) for e in epochs], epochs)
@@ -127,7 +138,7 @@ def curve_features(rows: dict[int, Mapping[str, float]], k: int) -> dict[str, fl
         epochs = list(range(1, k + 1))
         if epochs:
             features |= window(key, [value(rows[e], key) for e in epochs], epochs)
-    losses = [value(rows[e], "train_loss") for e in range(1, k + 1)]
+    losses = [value(rows[e], keys.TRAIN_LOSS) for e in range(1, k + 1)]
     features["train_loss.sum"] = float(sum(losses)) if losses else math.nan
     return features
 
@@ -160,7 +171,7 @@ def run_features(
     chosen = parse_sets(sets)
     rows = by_epoch(history)
     require_epochs(rows, k, run)
-    if "graph" in chosen and not any(key.startswith("tg.") for key in rows[0]):
+    if "graph" in chosen and not any(is_graph_metric(key) for key in rows[0]):
         raise NotEnoughEpochsError(
             f"run {run} logged no graph summaries (tg.* metrics) at epoch 0: it ran with "
             "graph.enabled=false, so the graph feature set cannot be built for it."
@@ -182,7 +193,7 @@ def categorical_columns(columns: Iterable[str]) -> list[str]:
 
 def set_of(column: str) -> str:
     """The feature set a column belongs to."""
-    if column.startswith("tg."):
+    if is_graph_metric(column):
         return "graph"
     if column in NUMERIC_HPARAMS or column in CATEGORICAL_HPARAMS:
         return "hparams"

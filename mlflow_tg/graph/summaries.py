@@ -3,14 +3,14 @@
 Summary metric keys (the MLflow UI draws one chart per key, so they stay few; every per-vertex
 and per-layer detail lives in the parquet tables instead), for each centrality ``C``:
 
-- ``tg.C.{mean,std,min,q10,q50,q90,max}`` over all vertices;
-- ``tg.C.gini``: Gini coefficient of the values (0 = all equal, → 1 = one vertex holds all);
-- ``tg.C.entropy``: Shannon entropy of the values normalised to sum 1, divided by log(vertices)
+- ``tg.C/{mean,std,min,q10,q50,q90,max}`` over all vertices;
+- ``tg.C/gini``: Gini coefficient of the values (0 = all equal, → 1 = one vertex holds all);
+- ``tg.C/entropy``: Shannon entropy of the values normalised to sum 1, divided by log(vertices)
   (1 = uniform), so graphs of different sizes compare;
-- ``tg.C.depth{0..3}.{mean,gini}``: the same over the vertices of each depth quartile, layers
+- ``tg.C/depth{0..3}.{mean,gini}``: the same over the vertices of each depth quartile, layers
   being numbered in data-flow order (depth0 holds the input, depth3 the classifier);
 
-plus ``tg.graph.vertices`` and ``tg.graph.edges``: 121 keys with all seven centralities, 53
+plus ``tg.graph/vertices`` and ``tg.graph/edges``: 121 keys with all seven centralities, 53
 with the default three.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+
+from mlflow_tg.keys import GRAPH_SIZE, graph_metric
 
 GLOBAL_STATS = ("mean", "std", "min", "q10", "q50", "q90", "max", "gini", "entropy")
 DEPTH_BUCKETS = 4
@@ -91,14 +93,17 @@ def depth_buckets(layer_index: np.ndarray) -> np.ndarray:
 
 def summary_metrics(nodes: pl.DataFrame, edges: int) -> dict[str, float]:
     """The ``tg.*`` metrics of one snapshot (keys in the module docstring)."""
-    metrics = {"tg.graph.vertices": float(nodes.height), "tg.graph.edges": float(edges)}
+    metrics = {
+        graph_metric(GRAPH_SIZE, "vertices"): float(nodes.height),
+        graph_metric(GRAPH_SIZE, "edges"): float(edges),
+    }
     buckets = depth_buckets(nodes["layer_index"].to_numpy())
     for name in centrality_columns(nodes):
         values = nodes[name].to_numpy()
-        metrics |= {f"tg.{name}.{stat}": value for stat, value in statistics(values).items()}
+        metrics |= {graph_metric(name, stat): value for stat, value in statistics(values).items()}
         for bucket in range(DEPTH_BUCKETS):
             inside = values[buckets == bucket]
             if len(inside):  # empty only for networks of fewer than four layers
-                metrics[f"tg.{name}.depth{bucket}.mean"] = float(inside.mean())
-                metrics[f"tg.{name}.depth{bucket}.gini"] = gini(inside)
+                metrics[graph_metric(name, f"depth{bucket}.mean")] = float(inside.mean())
+                metrics[graph_metric(name, f"depth{bucket}.gini")] = gini(inside)
     return metrics

@@ -25,11 +25,10 @@ from hydra.types import RunMode
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig
 
-from mlflow_tg import __version__
+from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
 
 log = logging.getLogger(__name__)
-HISTORY_ARTIFACT = "history.parquet"
 MAX_TAG_LENGTH = 5000
 
 
@@ -48,9 +47,21 @@ def use_tracking(tracking: DictConfig) -> str:
     location = None
     if tracking.get("artifact_root") and not str(tracking.uri).startswith("http"):
         location = Path(tracking.artifact_root).expanduser().resolve().as_uri()
-    experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
+    experiment_id = mlflow.create_experiment(
+        tracking.experiment,
+        artifact_location=location,
+        tags={keys.EXPERIMENT_KIND: keys.EXPERIMENT_KIND_TRAINING},
+    )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def description(cfg: DictConfig) -> str:
+    """What the run trains, in one line of its MLflow description."""
+    return (
+        f"**{cfg.model.name}** width {cfg.width}, {cfg.optimizer.name} lr {cfg.optimizer.lr}, "
+        f"{cfg.epochs} epochs on {cfg.data.name}, seed {cfg.seed}"
+    )
 
 
 def git_commit() -> str:
@@ -73,10 +84,10 @@ def hydra_tags() -> tuple[dict[str, str], Path | None]:
     if not HydraConfig.initialized():
         return {}, None
     hydra = HydraConfig.get()
-    tags = {"mlflow_tg.overrides": " ".join(hydra.overrides.task) or "(none)"}
+    tags = {keys.OVERRIDES: " ".join(hydra.overrides.task) or "(none)"}
     if hydra.mode == RunMode.MULTIRUN:
-        tags["mlflow_tg.sweep"] = str(hydra.sweep.dir)
-        tags["mlflow_tg.sweep_job"] = str(hydra.job.num)
+        tags[keys.SWEEP] = str(hydra.sweep.dir)
+        tags[keys.SWEEP_JOB] = str(hydra.job.num)
     hydra_dir = Path(hydra.runtime.output_dir) / hydra.output_subdir
     return tags, hydra_dir if hydra_dir.is_dir() else None
 
@@ -92,13 +103,14 @@ class RunLogger:
 
     run_id: str
     history: list[dict[str, float]] = field(default_factory=list)
+    note: list[str] = field(default_factory=list)  # the run's description, line by line
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log finite metrics at ``step=epoch`` in one call and rewrite ``history.parquet``."""
         finite = finite_metrics(metrics)
         mlflow.log_metrics(finite, step=epoch, run_id=self.run_id)
         self.history.append({"epoch": epoch, **finite})
-        self.log_table(pl.DataFrame(self.history, infer_schema_length=None), HISTORY_ARTIFACT)
+        self.log_table(pl.DataFrame(self.history, infer_schema_length=None), keys.HISTORY)
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:
         """Log end-of-run metrics (test loss and accuracy) at the last epoch."""
@@ -116,6 +128,11 @@ class RunLogger:
         """Log a matplotlib figure as an image artifact."""
         mlflow.MlflowClient().log_figure(self.run_id, figure, artifact_path)
 
+    def describe(self, line: str) -> None:
+        """Add a line to the run's description (MLflow's run note, shown on the run page)."""
+        self.note.append(line)
+        self.set_tag(keys.NOTE, "  \n".join(self.note))  # markdown: two spaces break a line
+
     def set_tag(self, key: str, value: Any) -> None:
         """Set a run tag, truncated to a length every MLflow backend accepts."""
         mlflow.MlflowClient().set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH])
@@ -127,23 +144,24 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
     use_tracking(cfg.tracking)
     tags, hydra_dir = hydra_tags()
     tags |= {
-        "mlflow_tg.version": __version__,
-        "mlflow_tg.git_commit": git_commit(),
-        "mlflow_tg.config_id": config_id(cfg),
+        keys.VERSION: __version__,
+        keys.GIT_COMMIT: git_commit(),
+        keys.CONFIG_ID: config_id(cfg),
     }
     run = mlflow.start_run(run_name=run_name(cfg), tags=tags)
     logger = RunLogger(run.info.run_id)
     try:
+        logger.describe(description(cfg))
         mlflow.log_params({key: str(value) for key, value in flatten(cfg).items()})
         if hydra_dir is not None:
-            mlflow.log_artifacts(str(hydra_dir), ".hydra")
+            mlflow.log_artifacts(str(hydra_dir), keys.HYDRA_DIR)
         yield logger
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as error:
         try:
-            logger.set_tag("mlflow_tg.error", f"{type(error).__name__}: {error}")
+            logger.set_tag(keys.ERROR, f"{type(error).__name__}: {error}")
         finally:  # the run ends FAILED even when the store refuses the tag
             mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise

@@ -20,11 +20,10 @@ from mlflow.entities import Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from mlflow_tg.tracking import HISTORY_ARTIFACT
+from mlflow_tg import keys
 
 log = logging.getLogger(__name__)
-CONFIG_ID_TAG = "mlflow_tg.config_id"
-TARGET = "test_acc"  # final test accuracy: what a finished run is a training example of
+TARGET = keys.TARGET
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 WARN_RUNS = 5  # run ids named in a warning
@@ -48,7 +47,7 @@ class RunRecord:
     @property
     def group(self) -> str:
         """Training configuration without the seed: seed-twins share it."""
-        return self.tags.get(CONFIG_ID_TAG, self.run_id)
+        return self.tags.get(keys.CONFIG_ID, self.run_id)
 
 
 def has_artifact(client: MlflowClient, run_id: str, path: str) -> bool:
@@ -60,11 +59,11 @@ def read_history(client: MlflowClient, run_id: str) -> list[dict[str, float]] | 
     """The run's per-epoch metrics, from its ``history.parquet``; None when it has none."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(run_id, HISTORY_ARTIFACT, tmp)
+            path = client.download_artifacts(run_id, keys.HISTORY, tmp)
         except MlflowException as error:
             # MLflow reports any failed download (a network error too) as a missing path: only
             # a listing without the artifact means the run has none
-            if error.error_code != NOT_FOUND or has_artifact(client, run_id, HISTORY_ARTIFACT):
+            if error.error_code != NOT_FOUND or has_artifact(client, run_id, keys.HISTORY):
                 raise
             return None
         return pl.read_parquet(Path(path)).sort("epoch").to_dicts()
@@ -92,7 +91,7 @@ def load_run(client: MlflowClient, run_id: str) -> RunRecord:
     found = record(client, run)
     if found.history is None:
         raise RunNotFoundError(
-            f"run {run_id} has no {HISTORY_ARTIFACT} artifact; only runs of mlflow_tg's "
+            f"run {run_id} has no {keys.HISTORY} artifact; only runs of mlflow_tg's "
             "train.py have one."
         )
     return found
@@ -107,6 +106,9 @@ def finished_runs(client: MlflowClient, experiment: str) -> list[Run]:
             f"experiment {experiment!r} is not in the tracking store {client.tracking_uri}; it "
             f"has {names}. Make a population first: python train.py -m +experiment=population"
         )
+    # Not mlflow.search_runs(output_format="list"), MLflow's own pager: it searches through
+    # MlflowClient(), the global tracking URI, not ``client``'s store (a client made for
+    # another store, as in tests/test_predictor.py, would list the wrong runs).
     runs, token = [], None
     while True:
         page = client.search_runs(
@@ -138,7 +140,7 @@ def load_runs(client: MlflowClient, experiment: str, threads: int = 8) -> list[R
             "%d finished runs of %r have no %s and are left out: %s",
             len(lacking),
             experiment,
-            HISTORY_ARTIFACT,
+            keys.HISTORY,
             named,
         )
     return records

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import torchvision
 from omegaconf import DictConfig
 
+from mlflow_tg.errors import InputError
+
 MNIST_FILES = [
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -38,7 +40,7 @@ FLIP_SAFE = {"cifar10"}
 DATASETS = ["digits", *EXPECTED_FILES]
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(InputError, FileNotFoundError):
     """The files of a data set are not where the config says."""
 
 

@@ -7,7 +7,7 @@ computed, and three things logged: ``graph/nodes/epoch_NNN.parquet`` (one row pe
 returned to the caller so that they go out in the same batch call as the epoch's training
 metrics. At the end of the run a figure of the summary trajectories is logged as
 ``graph/dynamics.png``. A snapshot whose weights are NaN or infinite, or whose centralities do
-not converge, is skipped with a warning and listed in the ``tg.capture_skipped_epochs`` tag.
+not converge, is skipped with a warning and listed in the ``mlflow_tg.capture_skipped_epochs`` tag.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ import mlflow
 from omegaconf import DictConfig
 from torch import nn
 
-from mlflow_tg.centrality import ConvergenceError, compute_centralities, set_threads
-from mlflow_tg.figures import trajectory_figure
-from mlflow_tg.graph import NonFiniteWeightsError, RolledGraphBuilder
-from mlflow_tg.summaries import layer_table, node_table, summary_metrics
-from mlflow_tg.tracking import RunLogger
+from mlflow_tg import keys
+from mlflow_tg.graph.build import RolledGraphBuilder
+from mlflow_tg.graph.centrality import ConvergenceError, compute_centralities, set_threads
+from mlflow_tg.graph.figures import trajectory_figure
+from mlflow_tg.graph.summaries import layer_table, node_table, summary_metrics
+from mlflow_tg.graph.weights import NonFiniteWeightsError
+from mlflow_tg.tracking.run import RunLogger
+from mlflow_tg.train.hooks import Epoch
 
 log = logging.getLogger(__name__)
-SKIPPED_TAG = "tg.capture_skipped_epochs"
 
 
 class GraphCapture:
@@ -42,11 +44,10 @@ class GraphCapture:
         self.trajectory: list[dict[str, float]] = []
         self.skipped: list[int] = []
 
-    def maybe(self, epoch: int, model: nn.Module, run: RunLogger) -> dict[str, float]:
-        """Capture at epoch 0 and every ``every_n_epochs``; return the metrics to log."""
-        if epoch % self.cfg.every_n_epochs:
-            return {}
-        return self.capture(epoch, model, run)
+    def on_epoch(self, epoch: Epoch, run: RunLogger) -> None:
+        """Capture at epoch 0 and every ``every_n_epochs``, adding the summaries to the epoch."""
+        if epoch.number % self.cfg.every_n_epochs == 0:
+            epoch.metrics |= self.capture(epoch.number, epoch.model, run)
 
     def capture(self, epoch: int, model: nn.Module, run: RunLogger) -> dict[str, float]:
         """Measure the graph of ``model`` as it is now and log its tables."""
@@ -68,26 +69,26 @@ class GraphCapture:
         nodes = node_table(self.builder.nodes, centralities)
         metrics = summary_metrics(nodes, graph.num_edges())
         if self.cfg.node_tables:
-            run.log_table(nodes, f"graph/nodes/epoch_{epoch:03d}.parquet")
-        run.log_table(layer_table(nodes), f"graph/layers/epoch_{epoch:03d}.parquet")
+            run.log_table(nodes, keys.node_table_path(epoch))
+        run.log_table(layer_table(nodes), keys.layer_table_path(epoch))
         if self.cfg.save_graph:
             save_graph(graph, epoch, run)
         self.trajectory.append({"epoch": epoch, **metrics})
         # not a tg.* key: timing is not a property of the network, so no predictor feature
-        return metrics | {"capture_time_s": time.perf_counter() - start}
+        return metrics | {keys.CAPTURE_TIME: time.perf_counter() - start}
 
     def skip(self, epoch: int, run: RunLogger, error: Exception) -> None:
-        """Warn that this epoch has no capture and list it in the ``SKIPPED_TAG`` tag."""
+        """Warn that this epoch has no capture and list it in the ``keys.CAPTURE_SKIPPED`` tag."""
         log.warning("epoch %d: graph capture skipped, %s", epoch, error)
         self.skipped.append(epoch)
-        run.set_tag(SKIPPED_TAG, ",".join(map(str, self.skipped)))
+        run.set_tag(keys.CAPTURE_SKIPPED, ",".join(map(str, self.skipped)))
 
-    def finish(self, run: RunLogger) -> None:
+    def on_end(self, run: RunLogger) -> None:
         """Log the figure of the summary trajectories."""
         if not self.trajectory:
             return
         figure = trajectory_figure(self.trajectory, list(self.cfg.centralities))
-        run.log_figure(figure, "graph/dynamics.png")
+        run.log_figure(figure, keys.GRAPH_FIGURE)
 
 
 def save_graph(graph, epoch: int, run: RunLogger) -> None:
@@ -95,22 +96,4 @@ def save_graph(graph, epoch: int, run: RunLogger) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"epoch_{epoch:03d}.gt.gz"
         graph.save(str(path))
-        mlflow.log_artifact(str(path), "graph/graphs", run_id=run.run_id)
-
-
-class NoCapture:
-    """Stand-in when graph capture is off."""
-
-    def maybe(self, epoch: int, model: nn.Module, run: RunLogger) -> dict[str, float]:
-        """Capture nothing."""
-        return {}
-
-    def finish(self, run: RunLogger) -> None:
-        """Log nothing."""
-
-
-def make_capture(
-    cfg: DictConfig, model: nn.Module, input_shape: tuple[int, ...]
-) -> GraphCapture | NoCapture:
-    """The capture the ``graph`` config asks for (``graph.enabled=false``: none)."""
-    return GraphCapture(cfg, model, input_shape) if cfg.enabled else NoCapture()
+        mlflow.log_artifact(str(path), keys.GRAPH_FILES, run_id=run.run_id)

@@ -43,18 +43,15 @@ import math
 import operator
 from dataclasses import dataclass, field, replace
 
-import graph_tool as gt
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import LinearOperator
+from scipy.cluster.hierarchy import DisjointSet
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from mlflow_tg.centrality import Adjacency
-from mlflow_tg.config import ConfigError
+from mlflow_tg.errors import InputError
 
 ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -88,12 +85,8 @@ PRODUCTS = {operator.mul, operator.imul, torch.mul}
 CATS = {torch.cat, torch.concat}
 
 
-class GraphUnsupportedError(ConfigError):
+class GraphUnsupportedError(InputError):
     """A network (or one of its operations) that the rolled graph cannot represent."""
-
-
-class NonFiniteWeightsError(ValueError):
-    """Some weights are NaN or infinite, so this snapshot has no meaningful graph."""
 
 
 @dataclass
@@ -171,7 +164,11 @@ class Plan:
         self.kinds: list[str] = []
         self.channels: list[int] = []
         self.blocks: list[EdgeBlock] = []
-        self.parent: list[int] = []  # union-find over provisional vertex ids
+        # Provisional vertex ids that sums made one vertex. DisjointSet picks a merged set's
+        # root by size (in ``h(c(x) + (a(x) + b(x)))`` the sum's vertices would take layer a's
+        # label, not c's), so ``leader`` records which vertex's label each merged set keeps.
+        self.sets = DisjointSet()
+        self.leader: dict[int, int] = {}  # root in ``sets`` → the vertex whose label it keeps
 
     def new_vertices(self, layer: str, kind: str, count: int) -> np.ndarray:
         """Create ``count`` vertices for the channels of ``layer``."""
@@ -179,20 +176,21 @@ class Plan:
         self.layers += [layer] * count
         self.kinds += [kind] * count
         self.channels += range(count)
-        self.parent += range(start, start + count)
+        for vertex in range(start, start + count):
+            self.sets.add(vertex)
         return np.arange(start, start + count)
 
     def find(self, vertex: int) -> int:
-        """Representative of a vertex (path halving)."""
-        while self.parent[vertex] != vertex:
-            self.parent[vertex] = self.parent[self.parent[vertex]]
-            vertex = self.parent[vertex]
-        return vertex
+        """Representative of a vertex: the one whose label its merged vertex keeps."""
+        root = self.sets[vertex]
+        return self.leader.get(root, root)
 
     def unify(self, keep: np.ndarray, merge: np.ndarray) -> None:
         """Make ``merge[c]`` the same vertex as ``keep[c]`` (which keeps its label) for each c."""
         for a, b in zip(keep.tolist(), merge.tolist(), strict=True):
-            self.parent[self.find(b)] = self.find(a)
+            label = self.find(a)
+            self.sets.merge(a, b)
+            self.leader[self.sets[a]] = label
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -449,232 +447,3 @@ class Tracer:
                 module, (*CHANNELWISE_MODULES, nn.Flatten, nn.modules.batchnorm._BatchNorm)
             )
         return node.target in CHANNELWISE_FUNCTIONS or node.target in CHANNELWISE_METHODS
-
-
-def batchnorm_scale(module: nn.Module) -> torch.Tensor:
-    """``|γ / √(running_var + ε)|`` per channel (γ = 1 without affine parameters)."""
-    scale = torch.rsqrt(module.running_var.detach() + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight.detach()
-    return scale.abs()
-
-
-def scale_factor(model: nn.Module, terms: list[ScaleTerm]) -> torch.Tensor | None:
-    """Product of pending BatchNorm scales per channel, or None when there are none."""
-    factor = None
-    for term in terms:
-        scale = batchnorm_scale(model.get_submodule(term.batchnorm))
-        padded = torch.cat([scale, scale.new_ones(1)])  # index -1 picks the trailing 1
-        factor = padded[term.index] if factor is None else factor * padded[term.index]
-    return factor
-
-
-def layer_norms(model: nn.Module, block: EdgeBlock) -> torch.Tensor:
-    """Norms of a block's weight slices, (out, inputs per output), where the weights live."""
-    if block.kind == "join":
-        return torch.ones(len(block.inputs), 1)
-    weight = model.get_submodule(block.layer).weight.detach()
-    if block.kind == "conv":
-        slices = weight.flatten(2)  # (out, in/groups, kernel positions)
-    else:
-        slices = weight.reshape(weight.shape[0], len(block.inputs), block.positions)
-    if slices.shape[2] == 1:  # 1×1 kernels, plain linear layers: the norm is |w|, 10x faster
-        return slices[:, :, 0].abs()
-    return torch.linalg.vector_norm(slices, dim=2)
-
-
-def block_weights(model: nn.Module, block: EdgeBlock) -> torch.Tensor:
-    """The (out, in/groups) weights of one block's edges, with BatchNorm scales folded in."""
-    norms = layer_norms(model, block)
-    incoming = scale_factor(model, block.in_scale)
-    if incoming is not None:  # column j of row o is input channel (o's group start) + j
-        incoming = incoming.to(norms.device).reshape(block.groups, 1, -1)
-        norms = (norms.reshape(block.groups, -1, block.per_group) * incoming).reshape(norms.shape)
-    for batchnorm in block.out_folds:
-        norms = norms * batchnorm_scale(model.get_submodule(batchnorm)).to(norms.device)[:, None]
-    return norms
-
-
-def scatter_add(target: np.ndarray, index: np.ndarray, values: np.ndarray, repeats: bool) -> None:
-    """``target[index] += values``, also when ``index`` repeats a vertex."""
-    if repeats:
-        np.add.at(target, index, values)
-    else:
-        target[index] += values
-
-
-def flow_operator(blocks: list[EdgeBlock], weights: np.ndarray, n: int) -> LinearOperator:
-    """The data-flow adjacency A (A[i, j] = w(j → i)) as a product over the dense layer blocks.
-
-    Each block's weights are an (out, in/groups) matrix, so ``A @ x`` is one small dense
-    matrix-vector product (BLAS) per layer, several times faster than a sparse product over
-    the same edges and with nothing to build: the blocks are views of ``weights``.
-    """
-    parts, start = [], 0
-    for block in blocks:
-        matrix = weights[start : start + block.edges].reshape(block.groups, -1, block.per_group)
-        parts.append((block.inputs, block.outputs, matrix, block.repeated_inputs))
-        start += block.edges
-
-    def downstream(x: np.ndarray) -> np.ndarray:  # y[i] = Σ_j w(j → i) x[j]
-        x, y = np.ravel(x), np.zeros(n)
-        for inputs, outputs, matrix, _ in parts:
-            y[outputs] += (matrix @ x[inputs].reshape(matrix.shape[0], -1, 1)).ravel()
-        return y
-
-    def upstream(x: np.ndarray) -> np.ndarray:  # y[j] = Σ_i w(j → i) x[i]
-        x, y = np.ravel(x), np.zeros(n)
-        for inputs, outputs, matrix, repeats in parts:
-            pulled = matrix.transpose(0, 2, 1) @ x[outputs].reshape(matrix.shape[0], -1, 1)
-            scatter_add(y, inputs, pulled.ravel(), repeats)
-        return y
-
-    return LinearOperator((n, n), matvec=downstream, rmatvec=upstream, dtype=np.float64)
-
-
-def renumber(plan: Plan) -> np.ndarray:
-    """Number the vertices left once sums merged theirs, in the blocks too; return their ids."""
-    roots = np.array([plan.find(v) for v in range(len(plan.parent))])
-    kept, final_id = np.unique(roots, return_inverse=True)
-    for block in plan.blocks:
-        block.inputs, block.outputs = final_id[block.inputs], final_id[block.outputs]
-        block.repeated_inputs = len(np.unique(block.inputs)) < len(block.inputs)
-    return kept
-
-
-def vertex_table(plan: Plan, kept: np.ndarray) -> pl.DataFrame:
-    """One row per vertex: its layer, the layer's data-flow position, its kind and channel."""
-    layers = [plan.layers[v] for v in kept]
-    layer_order = {name: index for index, name in enumerate(dict.fromkeys(layers))}
-    return pl.DataFrame(
-        {
-            "node": np.arange(len(kept), dtype=np.int64),
-            "layer": layers,
-            "layer_index": [layer_order[name] for name in layers],
-            "kind": [plan.kinds[v] for v in kept],
-            "channel": [plan.channels[v] for v in kept],
-        },
-        schema_overrides={"layer_index": pl.Int32, "channel": pl.Int32},
-    )
-
-
-def block_edges(plan: Plan) -> np.ndarray:
-    """(upstream, downstream) of every edge of every block, in weight order."""
-    edges = np.empty((sum(block.edges for block in plan.blocks), 2), np.uint64)
-    start = 0
-    for block in plan.blocks:
-        edges[start : start + block.edges, 0], edges[start : start + block.edges, 1] = (
-            block.edge_ends()
-        )
-        start += block.edges
-    if (edges[:, 0] == edges[:, 1]).any():
-        raise GraphUnsupportedError(
-            f"the rolled graph of {plan.model_name} would join a vertex to itself (a layer "
-            "reading the sum it feeds); run with graph.enabled=false."
-        )
-    return edges
-
-
-def may_repeat_edges(blocks: list[EdgeBlock]) -> np.ndarray:
-    """Which blocks may hold an edge of another (or one twice), as a mask over the blocks.
-
-    Such parallel edges come from a layer reading ``cat([x, x])`` or from two blocks joining
-    the same vertices to the same vertices (``x + conv(x)``). Checking blocks first keeps the
-    exact search to a few small blocks instead of sorting every edge of the network.
-    """
-    feeders: dict[int, set[int]] = {}
-    for index, block in enumerate(blocks):
-        for vertex in np.unique(block.outputs).tolist():
-            feeders.setdefault(vertex, set()).add(index)
-    pairs = {pair for fed in feeders.values() for pair in itertools.combinations(sorted(fed), 2)}
-    mask = np.array([block.repeated_inputs for block in blocks])
-    for a, b in pairs:
-        if np.intersect1d(blocks[a].inputs, blocks[b].inputs).size:
-            mask[[a, b]] = True
-    return mask
-
-
-def merge_parallel(
-    blocks: list[EdgeBlock], edges: np.ndarray, n: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The distinct edges (in first occurrence order) and each block edge's index among them.
-
-    The index is None when no vertex pair repeats: the block edges are then the graph's edges.
-    """
-    suspects = np.flatnonzero(may_repeat_edges(blocks))
-    if not len(suspects):
-        return edges, None
-    offsets = np.cumsum([0, *(block.edges for block in blocks)])
-    positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in suspects])
-    keys = edges[positions, 0] * np.uint64(n) + edges[positions, 1]
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    if len(first) == len(keys):
-        return edges, None
-    target = np.arange(len(edges))
-    target[positions] = positions[first[inverse.ravel()]]  # each edge → its first occurrence
-    distinct = target == np.arange(len(edges))
-    return edges[distinct], (np.cumsum(distinct) - 1)[target]
-
-
-class RolledGraphBuilder:
-    """The rolled graph of one model, traced once, with weights refreshed by ``build``.
-
-    Parallel edges (a layer's own edge beside an identity join in ``x + conv(x)``, a layer
-    reading ``cat([x, x])``) are merged into one edge of their summed weight, so that the
-    path-based centralities see the same connection as the spectral ones.
-    """
-
-    def __init__(
-        self, model: nn.Module, input_shape: tuple[int, ...], fold_batchnorm: bool = True
-    ) -> None:
-        gm = trace(model)
-        shapes = tensor_shapes(gm, model, input_shape)
-        self.plan = Tracer(gm, shapes, fold_batchnorm, type(model).__name__).run()
-        self.nodes = vertex_table(self.plan, renumber(self.plan))
-        edges = block_edges(self.plan)
-        distinct, self.merge = merge_parallel(self.plan.blocks, edges, self.nodes.height)
-        self.graph = self.make_graph(self.nodes, distinct)
-        self.weights = np.zeros(len(edges))  # per block edge, as last built
-
-    @staticmethod
-    def make_graph(nodes: pl.DataFrame, edges: np.ndarray) -> gt.Graph:
-        """The graph-tool graph (structure only) with the labels of its vertices."""
-        graph = gt.Graph(directed=False)
-        graph.add_vertex(nodes.height)
-        graph.add_edge_list(edges)  # uint64 ids: twice as fast as int64 in graph-tool 2.45
-        graph.ep["weight"] = graph.new_edge_property("double")
-        graph.vp["layer"] = graph.new_vertex_property("string", vals=nodes["layer"])
-        graph.vp["layer_index"] = graph.new_vertex_property("int", vals=nodes["layer_index"])
-        graph.vp["channel"] = graph.new_vertex_property("int", vals=nodes["channel"])
-        return graph
-
-    def edge_weights(self, model: nn.Module) -> np.ndarray:
-        """Every block edge's weight from ``model``'s current parameters, in block order."""
-        weights, start = np.empty(len(self.weights)), 0
-        with torch.no_grad():
-            for block in self.plan.blocks:
-                # .cpu(): the model may live on an accelerator, the graph lives in numpy
-                weights[start : start + block.edges] = block_weights(model, block).cpu().ravel()
-                start += block.edges
-        if not np.isfinite(weights).all():
-            bad, start = [], 0
-            for block in self.plan.blocks:
-                if not np.isfinite(weights[start : start + block.edges]).all():
-                    bad.append(block.layer)
-                start += block.edges
-            raise NonFiniteWeightsError(f"NaN or infinite edge weights from {', '.join(bad)}")
-        return weights
-
-    def build(self, model: nn.Module) -> gt.Graph:
-        """The graph with the weights of ``model`` as it is now."""
-        self.weights = self.edge_weights(model)
-        merged = self.weights
-        if self.merge is not None:
-            merged = np.bincount(self.merge, self.weights, minlength=self.graph.num_edges())
-        self.graph.ep["weight"].a[:] = merged
-        return self.graph
-
-    def adjacency(self) -> Adjacency:
-        """The weighted adjacency of the graph as last built, as fast block products."""
-        flow = flow_operator(self.plan.blocks, self.weights, self.graph.num_vertices())
-        return Adjacency.from_flow(flow)

@@ -1,0 +1,221 @@
+"""Fit, evaluate and register the performance predictor: ``python -m mlflow_tg.predictor``.
+
+From the finished runs of ``source_experiment``: one feature row per run (``dataset.py``),
+target = final ``test_acc``. Every set of ``compare_sets`` is fitted on the runs of the
+training configurations outside a fixed held-out share and scored on the held-out ones, and
+fitted on the narrower half of the widths and scored on the wider half (width transfer), next
+to the baseline a sweep would use anyway: ranking runs by ``val_acc`` at epoch k. The model of
+``feature_sets`` is logged, registered as a new version (tagged with its split), and made
+``champion`` when it beats the current champion on the runs held out from both fits (else
+``challenger``). Everything lands in one MLflow run of the ``tracking.experiment`` experiment.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import mlflow
+import numpy as np
+import polars as pl
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+
+from mlflow_tg import keys
+from mlflow_tg.config import CONF_DIR, is_whole_number
+from mlflow_tg.errors import ConfigError
+from mlflow_tg.predictor.dataset import Dataset, build_dataset
+from mlflow_tg.predictor.evaluate import QUALITY_METRICS, Comparison, compare, metric_key
+from mlflow_tg.predictor.features import parse_sets, set_name
+from mlflow_tg.predictor.figures import importance_figure, predicted_vs_actual_figure
+from mlflow_tg.predictor.promote import versus_champion
+from mlflow_tg.predictor.registry import (
+    FeatureSpec,
+    Holdout,
+    RegistryError,
+    log_and_register,
+    settle_aliases,
+    version_by_alias,
+)
+from mlflow_tg.tracking.run import use_tracking
+from mlflow_tg.tracking.runs import TARGET, RunNotFoundError, RunRecord, load_runs
+
+log = logging.getLogger(__name__)
+SELECTION_METRICS = ("kendall_tau", "spearman", "r2")
+
+
+MIN_RUNS = 8
+
+
+def check_predictor_config(cfg: DictConfig) -> None:
+    """Reject values that would fail after minutes of reading runs."""
+    if not is_whole_number(cfg.k) or cfg.k < 0:
+        raise ConfigError(
+            f"k={cfg.k!r} is not allowed: k must be a whole number ≥ 0 (epochs 0..k)."
+        )
+    for sets in [cfg.feature_sets, *cfg.compare_sets]:
+        try:
+            parse_sets(sets)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if not is_whole_number(cfg.max_features) or cfg.max_features < 0:
+        raise ConfigError(
+            f"max_features={cfg.max_features!r} is not allowed: it must be a whole number ≥ 1, "
+            "or 0 to keep every feature."
+        )
+    if not 0 < cfg.holdout_fraction < 1:
+        raise ConfigError(
+            f"holdout_fraction={cfg.holdout_fraction!r} is not allowed: it must lie strictly "
+            "between 0 and 1 (for example 0.25)."
+        )
+    if cfg.selection_metric not in SELECTION_METRICS:
+        raise ConfigError(
+            f"selection_metric={cfg.selection_metric!r} is not allowed: choose one of "
+            f"{list(SELECTION_METRICS)}."
+        )
+
+
+def compared_sets(cfg: DictConfig) -> list[str]:
+    """The canonical names of the compared sets, the registered one included."""
+    return list(dict.fromkeys(set_name(sets) for sets in [*cfg.compare_sets, cfg.feature_sets]))
+
+
+def dataset_sets(compared: list[str]) -> str:
+    """Every set the compared ones use, and ``curve``: the baseline ``val_acc@k`` is in it."""
+    return set_name({"curve", *(name for sets in compared for name in parse_sets(sets))})
+
+
+def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job; returns the quality table, the new version and the alias it got."""
+    check_predictor_config(cfg)
+    use_tracking(cfg.tracking)
+    client = MlflowClient()
+    records = load_runs(client, cfg.source_experiment)
+    compared, registered = compared_sets(cfg), set_name(cfg.feature_sets)
+    dataset = build_dataset(records, cfg.k, dataset_sets(compared))
+    holdout = Holdout(cfg.holdout_fraction, cfg.seed).rows(dataset.groups)
+    if dataset.frame.height < MIN_RUNS or min(holdout.sum(), (~holdout).sum()) < 3:
+        raise RunNotFoundError(
+            f"experiment {cfg.source_experiment!r} has {dataset.frame.height} usable runs "
+            f"({int(holdout.sum())} held out), too few to fit and evaluate a predictor (at least "
+            f"{MIN_RUNS}, 3 on each side); left out: {dataset.left_out or 'none'}."
+        )
+    comparison = compare(dataset, cfg, holdout, compared, registered)
+    log.info("%d runs, %d held out; left out: %s", dataset.frame.height, int(holdout.sum()),
+             dataset.left_out or "none")  # fmt: skip
+    log.info("width transfer: %s", comparison.transfer)
+    with pl.Config(tbl_rows=100, tbl_cols=12, float_precision=3):
+        log.info("\n%s", comparison.table)
+    outcome = log_predictor_run(client, cfg, dataset, holdout, comparison, records)
+    return outcome | {"quality": comparison.table}
+
+
+def log_predictor_run(
+    client: MlflowClient,
+    cfg: DictConfig,
+    dataset: Dataset,
+    holdout: np.ndarray,
+    comparison: Comparison,
+    records: list[RunRecord],
+) -> dict[str, Any]:
+    """The predictor's MLflow run: model first (see registry), then comparison and metrics."""
+    wanted = set_name(cfg.feature_sets)
+    champion = version_by_alias(client, cfg.registered_model, keys.CHAMPION)  # before registering
+    with mlflow.start_run(run_name=f"predictor-k{cfg.k}-{wanted}") as run:
+        mlflow.log_params(predictor_params(cfg, dataset, holdout, wanted))
+        model = comparison.model
+        example = dataset.matrix(model.feature_names_, ~holdout).head(50)  # its columns only
+        spec = FeatureSpec(cfg.k, wanted, Holdout(cfg.holdout_fraction, cfg.seed))
+        version = log_and_register(model, example, cfg.registered_model, spec)
+        wins, scores, verdict = versus_champion(
+            cfg, champion, dataset, holdout, comparison.predictions, records
+        )
+        alias = settle_aliases(client, cfg.registered_model, version, wins)
+        mlflow.set_tags(
+            {
+                keys.MODEL_VERSION: version.version,
+                keys.ALIAS: alias,
+                keys.COMPARISON: verdict,
+                keys.WIDTH_TRANSFER: comparison.transfer,
+            }
+        )
+        mlflow.log_metrics(
+            {f"{keys.COMPARISON_PREFIX}{key}": value for key, value in scores.items()}
+        )
+        mlflow.log_metrics(
+            {
+                metric_key(row, metric): row[metric]
+                for row in comparison.table.to_dicts()
+                for metric in QUALITY_METRICS
+                if np.isfinite(row[metric])
+            }
+        )
+        log_artifacts(dataset, holdout, comparison, wanted, cfg.k)
+    log.info("%s version %s is %s (%s)", cfg.registered_model, version.version, alias, verdict)
+    return {
+        "run_id": run.info.run_id,
+        "version": version.version,
+        "alias": alias,
+        "verdict": verdict,
+    }
+
+
+def predictor_params(cfg: DictConfig, dataset: Dataset, holdout: np.ndarray, wanted: str) -> dict:
+    """What the predictor run was fitted on and how."""
+    return {
+        "k": cfg.k,
+        "feature_sets": wanted,
+        "seed": cfg.seed,
+        "source_experiment": cfg.source_experiment,
+        "runs": dataset.frame.height,
+        "holdout_runs": int(holdout.sum()),
+        "holdout_fraction": cfg.holdout_fraction,
+        "selection_metric": cfg.selection_metric,
+        "max_features": cfg.max_features,
+        **{f"catboost.{key}": value for key, value in cfg.catboost.items()},
+        **{f"left_out.{reason}": count for reason, count in dataset.left_out.items()},
+    }
+
+
+def log_artifacts(
+    dataset: Dataset, holdout: np.ndarray, comparison: Comparison, wanted: str, k: int
+) -> None:
+    """Quality table, training table (also as a dataset input), scatter and importances."""
+    model = comparison.model
+    importance = pl.DataFrame(
+        {"feature": model.feature_names_, "importance": model.get_feature_importance()}
+    ).sort("importance", descending=True)
+    tables = {
+        "quality": comparison.table,
+        "training_table": dataset.frame.with_columns(pl.Series("held_out", holdout)),
+        "feature_importance": importance,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, frame in tables.items():
+            frame.write_parquet(Path(tmp) / f"{name}.parquet")
+            mlflow.log_artifact(str(Path(tmp) / f"{name}.parquet"))
+    training = mlflow.data.from_polars(
+        tables["training_table"], name="predictor-training-table", targets=TARGET
+    )
+    mlflow.log_input(training, context="training")
+    predictions = {
+        wanted: comparison.predictions,
+        f"val_acc@{k} (baseline)": dataset.column(f"val_acc@{k}", holdout),
+    }
+    scatter = predicted_vs_actual_figure(dataset.column(TARGET, holdout), predictions)
+    mlflow.log_figure(scatter, "predicted_vs_actual.png")
+    mlflow.log_figure(importance_figure(importance.head(25)), "feature_importance.png")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predictor")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    try:
+        fit_predictor(cfg)
+    except (ConfigError, RunNotFoundError, RegistryError) as error:
+        log.error("%s", error)
+        sys.exit(2)
