@@ -8,18 +8,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON := /usr/bin/python3
 STAMP := $(VENV)/.installed
-APT_PACKAGES := python3-graph-tool python3-venv
+# chromium (+ fonts): the headless browser of the slow UI test (tests/test_ui.py)
+APT_PACKAGES := python3-graph-tool python3-venv chromium fonts-liberation
 PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test lint format bench population predictor serve predict ui clean
+.PHONY: setup run test test-slow lint format bench population offgrid pruned-sweep predictor serve predict ui clean \
+	server-start server-stop server-status
 
 setup: $(STAMP)
 
 # graph-tool is not on PyPI: it comes from Debian's python3-graph-tool, and the venv sees it
 # through --system-site-packages. conda users: `conda install -c conda-forge graph-tool`.
 .system-deps:
-	@if ! $(SYSTEM_PYTHON) -c "import graph_tool, ensurepip" >/dev/null 2>&1; then \
+	@if ! $(SYSTEM_PYTHON) -c "import graph_tool, ensurepip" >/dev/null 2>&1 \
+	    || ! command -v chromium >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" -ne 0 ]; then \
 	    echo "mlflow_tg needs Debian's $(APT_PACKAGES) and is not running as root. Run:" >&2; \
 	    echo "  sudo apt-get update && sudo apt-get install -y $(APT_PACKAGES)" >&2; \
@@ -48,6 +51,12 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
+# The slow tier, which `make test` leaves out (pyproject's -m 'not slow'): the session population
+# and its fitted predictor, servers, end-to-end train.py runs. pytest exits 5 when it collects
+# no test: not a failure here.
+test-slow: setup
+	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
+
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
@@ -58,9 +67,15 @@ bench: setup
 	$(PY) bench/epoch_time.py
 	$(PY) bench/graph_capture.py
 	$(PY) bench/predictor_quality.py
+	$(PY) bench/pruning.py
 
+# The predictor's population, both cores (joblib launcher, one thread per job), then the sweep
+# off its grid that scores it out of population.
 population: setup
-	$(PY) train.py -m +experiment=population
+	$(PY) train.py -m +experiment=population hydra/launcher=joblib hydra.launcher.n_jobs=2
+
+offgrid: setup
+	$(PY) train.py -m +experiment=offgrid hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 predictor: setup
 	$(PY) -m mlflow_tg.predictor
@@ -73,8 +88,35 @@ serve: setup
 predict: setup
 	$(PY) -m mlflow_tg.serve.cli predict --run-id "$(RUN)" $(if $(ENDPOINT),--endpoint $(ENDPOINT))
 
+# Opens on the runs when the URL says so: the UI of MLflow 3.17 defaults to its GenAI views.
 ui: setup
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# A small sweep pruned live on both cores, next to the same sweep unpruned (needs a champion).
+pruned-sweep: setup
+	$(PY) bench/pruned_sweep.py
+
+# A tracking server for parallel sweeps (python train.py tracking=server …), in
+# mlflow_tg/tracking/server.py:
+#   make server-start [SERVER_PORT=5000]
+#     starts Debian's PostgreSQL (installs `postgresql` with apt when it is missing: as root,
+#     else prints the sudo line), creates the role and database mlflow_tg when absent (password
+#     $MLFLOW_TG_DB_PASSWORD, default mlflow_tg: local use only, PostgreSQL listens on
+#     127.0.0.1), then runs `mlflow server` on it in the background at
+#     http://127.0.0.1:$SERVER_PORT with 2 workers; pid, log (mlflow.log) and artifacts in
+#     .server/ (git-ignored). Returns once /health answers; fails with the log's end otherwise.
+#   make server-stop      stops the MLflow server, and PostgreSQL if server-start started it
+#   make server-status    pid, URL and health as JSON (exit 1 when it does not answer)
+SERVER_PORT ?= 5000
+server-start: setup
+	$(PY) -m mlflow_tg.tracking.server start --port $(SERVER_PORT)
+
+server-stop:
+	$(PY) -m mlflow_tg.tracking.server stop --port $(SERVER_PORT)
+
+server-status:
+	$(PY) -m mlflow_tg.tracking.server status --port $(SERVER_PORT)
 
 clean:
 	rm -rf $(VENV) .system-deps *.egg-info

@@ -1,24 +1,74 @@
 """Train one network, tracked in MLflow: ``python train.py model=resnet width=16``."""
 
 import logging
+import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mlflow_tg.config import translate_error
 from mlflow_tg.errors import InputError
 from mlflow_tg.job import train
+from mlflow_tg.tracking.run import Terminated
+
+log = logging.getLogger("train")
+SWEEP = {"jobs": 0, "refused": 0}  # this process's multirun jobs (the basic launcher's)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Run the job; return the final test accuracy (the value a Hydra sweeper optimises)."""
+    """Run the job; return the final test accuracy (the value a Hydra sweeper optimises).
+
+    Bad input stops a single run with exit code 2. In a multirun the refused job fails alone
+    (Hydra records it and launches the next one) and ``cli`` exits 2 once the sweep is over.
+    """
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    SWEEP["jobs"] += multirun
     try:
         return train(cfg)["test_acc"]
     except InputError as error:  # bad input: no run was created
-        logging.getLogger("train").error("%s", error)
+        if not multirun:
+            log.error("%s", error)
+            sys.exit(2)
+        SWEEP["refused"] += 1
+        log.error("job %s refused, the multirun goes on: %s", HydraConfig.get().job.num, error)
+        raise
+
+
+def cli() -> None:
+    """``main()``, where a value Hydra refuses while composing also exits 2 with one paragraph.
+
+    Hydra composes (and type-checks) the config before ``main`` runs, and would print its own
+    error and exit 1; with HYDRA_FULL_ERROR its errors reach this function instead. An unknown
+    group option (``model=transformer``) keeps Hydra's message, which lists the options.
+    A multirun with refused jobs exits 2 once its other jobs have run; SIGTERM exits 143.
+    """
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as error:
+        print(translate_error(error, sys.argv[1:]) or error, file=sys.stderr)
         sys.exit(2)
+    except InputError as error:  # raised by Hydra once a multirun with refused jobs is over
+        count = (
+            f"{SWEEP['refused']} of the {SWEEP['jobs']} jobs"
+            if SWEEP["jobs"]
+            else "jobs"  # run by another launcher's processes: not counted here
+        )
+        print(
+            f"multirun: {count} had bad input and did not run (no MLflow run; each error is "
+            f"logged above); the other jobs ran. The first: {error}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except Terminated as stop:  # SIGTERM: the run ended KILLED (tracked_run)
+        print(f"train.py: {stop}; the run ended KILLED", file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -28,6 +28,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import polars as pl
 import requests
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
@@ -35,7 +36,7 @@ from sklearn.model_selection import GroupKFold
 
 from mlflow_tg.config import compose_config
 from mlflow_tg.keys import TARGET
-from mlflow_tg.predictor.dataset import build_dataset
+from mlflow_tg.predictor.dataset import Dataset, build_dataset
 from mlflow_tg.predictor.evaluate import (
     quality_by_subset,
     seed_twin_agreement,
@@ -47,7 +48,7 @@ from mlflow_tg.serve.client import request_body
 from mlflow_tg.tracking.runs import load_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests/
-from tests.servers import free_port, running_server  # noqa: E402
+from tests.servers import free_port, running_server
 
 SETS = ["graph", "curve", "hparams", "curve+hparams", "graph+hparams", "graph+curve+hparams"]
 NONTRIVIAL = 0.5
@@ -70,38 +71,60 @@ def out_of_fold(dataset, columns, folds: int, cfg) -> np.ndarray:
     return predicted
 
 
-def evaluate_k(records, k: int, cfg, folds_count: int) -> dict:
-    """Every feature set and both baselines at one k, cross-validated and width-transferred."""
-    dataset = build_dataset(records, k, "+".join(FEATURE_SETS))
-    narrow, transfer = transfer_split(dataset.frame["run_width"].to_list())
+def evaluate_k(records, k: int, cfg, folds_count: int, outside: list | None = None) -> dict:
+    """Every feature set and both baselines at one k, in three protocols.
+
+    Cross-validated, width-transferred and, given runs of another sweep (``outside``), fitted
+    on the whole population and scored on that sweep.
+    """
+    population = build_dataset(records, k, "+".join(FEATURE_SETS))
+    narrow, transfer = transfer_split(population.frame["run_width"].to_list())
     wide = ~narrow if narrow.any() else narrow  # one width: no transfer, NaN scores
-    y = dataset.column(TARGET)
+    y = population.column(TARGET)
+    both, away = with_outside(population, outside or [], k)
     rows = {}
     for sets in SETS:
-        columns = columns_of(dataset.feature_columns, sets)
-        predicted = out_of_fold(dataset, columns, folds_count, cfg)
+        columns = columns_of(population.feature_columns, sets)
+        predicted = out_of_fold(population, columns, folds_count, cfg)
         rows[sets] = {"cv": quality_by_subset(y, predicted, NONTRIVIAL)}
-        transferred = fit_and_score(dataset, columns, narrow, cfg)[1] if wide.any() else y[wide]
+        transferred = fit_and_score(population, columns, narrow, cfg)[1] if wide.any() else y[wide]
         rows[sets]["transfer"] = quality_by_subset(y[wide], transferred, NONTRIVIAL)
-    baselines = {f"val_acc@{k}": dataset.column(f"val_acc@{k}")}
+        if away.any():
+            scored = fit_and_score(both, columns, ~away, cfg)[1]
+            rows[sets]["outside"] = quality_by_subset(both.column(TARGET, away), scored, NONTRIVIAL)
+    baselines = {f"val_acc@{k}": f"val_acc@{k}"}
     if k >= 1:
-        baselines[f"-train_loss.sum@1..{k}"] = -dataset.column("train_loss.sum")
-    for name, score in baselines.items():
-        finite = np.nan_to_num(score, nan=-np.inf)  # a run without the metric ranks last
+        baselines[f"-train_loss.sum@1..{k}"] = "train_loss.sum"
+    for name, column in baselines.items():
+        sign = -1 if column == "train_loss.sum" else 1  # less loss, faster training: ranks first
+        score = np.nan_to_num(sign * population.column(column), nan=-np.inf)  # none: ranks last
         rows[name] = {
-            "cv": quality_by_subset(y, finite, NONTRIVIAL),
-            "transfer": quality_by_subset(y[wide], finite[wide], NONTRIVIAL),
+            "cv": quality_by_subset(y, score, NONTRIVIAL),
+            "transfer": quality_by_subset(y[wide], score[wide], NONTRIVIAL),
         }
+        if away.any():
+            score = np.nan_to_num(sign * both.column(column, away), nan=-np.inf)
+            rows[name]["outside"] = quality_by_subset(both.column(TARGET, away), score, NONTRIVIAL)
         if not name.startswith("val_acc"):  # a ranking score, not an accuracy: no R² or MAE
             for subsets in rows[name].values():
                 for scores in subsets.values():
                     scores["r2"] = scores["mae_points"] = float("nan")
     return {
-        "runs": dataset.frame.height,
-        "left_out": dataset.left_out,
+        "runs": population.frame.height,
+        "left_out": population.left_out,
         "transfer": transfer,
         "rows": rows,
     }
+
+
+def with_outside(population, outside: list, k: int):
+    """The population's rows followed by the outside sweep's, and which rows are outside."""
+    if not outside:
+        return population, np.zeros(population.frame.height, dtype=bool)
+    away = build_dataset(outside, k, "+".join(FEATURE_SETS))
+    frame = pl.concat([population.frame, away.frame], how="diagonal_relaxed")
+    mask = np.arange(frame.height) >= population.frame.height
+    return Dataset(frame), mask
 
 
 def print_k(k: int, result: dict) -> None:
@@ -121,6 +144,16 @@ def print_k(k: int, result: dict) -> None:
                     f"{q[m]:>11.3f}" for m in ("r2", "mae_points", "spearman", "kendall_tau")
                 )
             print(line)
+
+
+def print_gaps(result: dict) -> None:
+    """Kendall τ out of population against in population (cross-validated), on all runs."""
+    print(f"{'features':<26}{'tau cv':>9}{'tau outside':>13}{'gap':>8}")
+    for name, splits in result["rows"].items():
+        if "outside" in splits:
+            inside = splits["cv"]["all"]["kendall_tau"]
+            away = splits["outside"]["all"]["kendall_tau"]
+            print(f"{name:<26}{inside:>9.3f}{away:>13.3f}{away - inside:>+8.3f}")
 
 
 def save_combined_model(records, cfg, folder: Path) -> tuple[str, dict]:
@@ -152,7 +185,7 @@ def latency(model_path: str, row: dict, repeats: int) -> dict:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     arguments = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_path,
                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    body = json.dumps(request_body(row))
+    body = request_body(pd.DataFrame([row]))
     headers = {"Content-Type": "application/json"}
     url = f"http://127.0.0.1:{port}"
     with running_server(arguments, f"{url}/ping", Path(model_path).parent / "serve.log", env):
@@ -172,6 +205,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
     parser.add_argument("--experiment", default="population")
+    parser.add_argument(
+        "--outside", default="offgrid", help="a sweep off the population's grid ('' for none)"
+    )
     parser.add_argument(
         "--ks", type=int, nargs="*", default=[1, 2, 3, 5], help="none: latency only"
     )
@@ -197,10 +233,15 @@ def main() -> None:
             [r.group for r in chosen], [r.params.get("seed") for r in chosen], accuracy[keep]
         )
     print(f"noise ceiling, seed-twin Kendall tau: {json.dumps(twins)}")
+    outside = load_runs(MlflowClient(), args.outside) if args.outside else []
+    if outside:
+        print(f"{len(outside)} finished runs of {args.outside!r}, scored by models fitted on "
+              "the whole population ('outside')")  # fmt: skip
     results = {}
     for k in args.ks:
-        results[k] = evaluate_k(records, k, cfg, args.folds)
+        results[k] = evaluate_k(records, k, cfg, args.folds, outside)
         print_k(k, results[k])
+        print_gaps(results[k])
     with tempfile.TemporaryDirectory() as tmp:
         model_path, row = save_combined_model(records, cfg, Path(tmp))
         speed = latency(model_path, row, args.requests)

@@ -9,15 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from torch import nn
 
-from mlflow_tg.config import check_config, resolve_device
+from mlflow_tg.config import build_from_config, check_config, resolve_device
 from mlflow_tg.graph.capture import GraphCapture
-from mlflow_tg.tracking.run import tracked_run
+from mlflow_tg.predictor.live import LivePrediction
+from mlflow_tg.prune.hook import SweepPruner
+from mlflow_tg.prune.policies import make_policy
+from mlflow_tg.tracking.run import run_params, tracked_run
 from mlflow_tg.train.data import load_data
 from mlflow_tg.train.hooks import EpochHook
 from mlflow_tg.train.loop import fit, seed_everything
-from mlflow_tg.train.models import build_model
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -32,13 +35,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     data = load_data(cfg.data)
     generator = seed_everything(cfg.seed)
-    options = OmegaConf.to_container(cfg.model, resolve=True)
-    name = options.pop("name")
-    model = build_model(
-        name, cfg.width, data.in_channels, data.image_size, data.num_classes, **options
+    model = build_from_config(  # the model config's _target_, sized by width and the data
+        cfg.model,
+        width=cfg.width,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        num_classes=data.num_classes,
     ).to(device)
-    hooks: list[EpochHook] = []
-    if cfg.graph.enabled:
-        hooks.append(GraphCapture(cfg.graph, model, data.input_shape()))
+    hooks = make_hooks(cfg, model, data.input_shape())
     with tracked_run(cfg) as run:
         return fit(cfg, model, data, device, generator, run, hooks)
+
+
+def make_hooks(cfg: DictConfig, model: nn.Module, input_shape: tuple[int, ...]) -> list[EpochHook]:
+    """What watches the epochs, in order: graph capture, live prediction, then pruning.
+
+    The graph is traced here, before any run exists, so a network it cannot represent stops
+    the job with nothing logged. Pruning reads the epoch's prediction: it comes last.
+    """
+    hooks: list[EpochHook] = []
+    if cfg.graph.enabled:
+        hooks.append(GraphCapture(cfg.graph, model, input_shape))
+    if cfg.predict.enabled:
+        hooks.append(LivePrediction(cfg.predict, run_params(cfg)))
+    if cfg.prune.policy != "off":
+        median = cfg.prune.policy == "median"  # compares curves epoch by epoch
+        hooks.append(SweepPruner(make_policy(cfg.prune), median, cfg.prune.sweep))
+    return hooks

@@ -3,9 +3,10 @@
 One place, so that a reader of runs (the predictor, ``mlflow-tg predict``, the UI guide in the
 README) and their writer cannot drift apart.
 
-Metric keys put a section name before ``/``: the MLflow UI groups a run's charts into one
-section per prefix, so ``tg.eigenvector/gini`` lands in the section ``tg.eigenvector`` beside
-the other summaries of that centrality, and the predictions in ``predicted``.
+Metric keys put a section name before their last ``/``: the MLflow UI groups a run's charts
+into one section per such prefix, so ``tg.eigenvector/gini`` lands in the section
+``tg.eigenvector`` beside the other summaries of that centrality, and the predictions in
+``predicted``.
 """
 
 from __future__ import annotations
@@ -55,12 +56,18 @@ SWEEP, SWEEP_JOB = "mlflow_tg.sweep", "mlflow_tg.sweep_job"
 VERSION, GIT_COMMIT = "mlflow_tg.version", "mlflow_tg.git_commit"
 CONFIG_ID = "mlflow_tg.config_id"  # a hash of the config without the seed: seed-twins share it
 ERROR = "mlflow_tg.error"
+KILLED_BY = "mlflow_tg.killed_by"  # SIGINT (Ctrl-C) or SIGTERM, on a run that ended KILLED
 DIVERGED, DIVERGED_EPOCH = "diverged", "mlflow_tg.diverged_epoch"
 CAPTURE_SKIPPED = "mlflow_tg.capture_skipped_epochs"
 PREDICTED_BY = "mlflow_tg.predicted_by"
+PRUNED = "pruned"  # "true" when a pruning policy stopped the run, "false" when it let it finish
+PRUNED_EPOCH, PRUNED_BY = "mlflow_tg.pruned_epoch", "mlflow_tg.pruned_by"
 NOTE = "mlflow.note.content"  # MLflow's run description, shown on the run page
-EXPERIMENT_KIND = "mlflow.experimentKind"  # opens the experiment on its runs, not GenAI views
+# MLflow's kind of an experiment: its runs view, not the GenAI one. The UI of MLflow 3.17.2 does
+# not read it yet (its workflow switch decides): links add UI_RUNS_VIEW to open on the runs.
+EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
+UI_RUNS_VIEW = "?workflowType=machine_learning"
 
 # Run artifacts.
 HISTORY = "history.parquet"  # one row per epoch, one column per metric, rewritten every epoch
@@ -83,7 +90,31 @@ def layer_table_path(epoch: int) -> str:
 REGISTERED_MODEL = "tg-performance-predictor"
 CHAMPION, CHALLENGER = "champion", "challenger"
 K_TAG, SETS_TAG = "mlflow_tg.k", "mlflow_tg.feature_sets"
+KS_TAG = "mlflow_tg.ks"  # the windows a version answers from, comma-separated ("1,2,3")
 HOLDOUT_SEED_TAG, HOLDOUT_FRACTION_TAG = "mlflow_tg.holdout_seed", "mlflow_tg.holdout_fraction"
 MODEL_VERSION, ALIAS = "mlflow_tg.model_version", "mlflow_tg.alias"
 COMPARISON, WIDTH_TRANSFER = "mlflow_tg.comparison", "mlflow_tg.width_transfer"
 COMPARISON_PREFIX = "comparison/"
+
+
+def coverage_metric(nominal: float, k: int | None = None) -> str:
+    """``holdout/coverage80``: share of held-out runs inside their 80% interval.
+
+    Of the model of window ``k`` (``holdout/k2/coverage80``), or of window ``k`` of the config
+    (the one the quality comparison uses) when ``k`` is None.
+    """
+    window = "" if k is None else f"k{k}/"
+    return f"holdout/{window}coverage{round(100 * nominal)}"
+
+
+# The registered predictor's request (one row per run and epoch: these two columns, the
+# metrics as history.parquet names them, the params by their param key) and its answer
+# (one row per run, in request order).
+RUN_ID, EPOCH = "run_id", "epoch"
+ANSWER_K = "k"  # the window the answer used: epochs 0..k
+ANSWER, ANSWER_LOW, ANSWER_HIGH = (
+    "predicted_test_acc",
+    "predicted_test_acc_low",
+    "predicted_test_acc_high",
+)
+ANSWER_OOD, ANSWER_OOD_REASONS = "out_of_distribution", "ood_reasons"

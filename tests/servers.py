@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -36,7 +38,10 @@ def running_server(
     Its output goes to ``log``: a pipe nobody reads fills up and blocks a chatty server.
     """
     with open(log, "w") as output:
-        process = subprocess.Popen(arguments, stdout=output, stderr=subprocess.STDOUT, env=env)
+        # its own process group: `mlflow server` and `mlflow models serve` start workers
+        process = subprocess.Popen(
+            arguments, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + timeout_s
             while not answers(ready_url):
@@ -45,8 +50,18 @@ def running_server(
                 time.sleep(0.5)
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL after 30 s."""
+    for signal_number, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

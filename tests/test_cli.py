@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import CONF_DIR
@@ -27,6 +28,7 @@ def runs_in(folder: Path, experiment: str = "mlflow_tg") -> list:
     return client, client.search_runs([found.experiment_id])
 
 
+@pytest.mark.slow
 def test_readme_main_command_runs_end_to_end_on_the_embedded_default(tmp_path: Path):
     readme = (ROOT / "README.md").read_text()
     assert "make run" in readme and "make test" in readme
@@ -53,6 +55,7 @@ def test_readme_main_command_runs_end_to_end_on_the_embedded_default(tmp_path: P
     assert (tmp_path / "mlartifacts").is_dir()
 
 
+@pytest.mark.slow
 def test_multirun_groups_jobs_and_carries_on_after_a_diverged_one(tmp_path: Path):
     overrides = ["model=mlp", "width=2", "epochs=2", "graph=off", "optimizer.lr=1e6,0.05"]
     result = subprocess.run(
@@ -71,3 +74,27 @@ def test_multirun_groups_jobs_and_carries_on_after_a_diverged_one(tmp_path: Path
     sweeps = {r.data.tags["mlflow_tg.sweep"] for r in runs}
     assert len(sweeps) == 1 and sweeps.pop().startswith("multirun/")
     assert {r.data.tags["mlflow_tg.sweep_job"] for r in runs} == {"0", "1"}
+
+
+def imported_by(*modules: str) -> set[str]:
+    """Every module a fresh interpreter imports to import ``modules``."""
+    code = f"import sys, {', '.join(modules)}; print(' '.join(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return set(result.stdout.split())
+
+
+def test_mlflow_tg_predict_imports_no_torch_and_over_http_not_even_mlflow():
+    """``mlflow-tg predict`` runs per run of a sweep: no torch (mlflow_tg.config imports it).
+
+    The modules of both of its paths; the loaded model (catboost) is checked end to end in
+    tests/test_serving.py.
+    """
+    client_path = imported_by(
+        "mlflow_tg.serve.cli", "mlflow_tg.predictor.model", "mlflow_tg.predictor.registry",
+        "mlflow_tg.predictor.scoring", "mlflow_tg.tracking.runs", "mlflow_tg.serve.client",
+    )  # fmt: skip
+    assert "mlflow" in client_path and "pandas" in client_path
+    assert not {"torch", "torchvision", "mlflow_tg.config", "sklearn"} & client_path
+    http_path = imported_by("mlflow_tg.serve.cli", "mlflow_tg.serve.rest", "pyarrow.parquet")
+    assert not {"mlflow", "pandas", "polars", "torch"} & http_path

@@ -1,22 +1,36 @@
-"""Config groups compose, every model builds, and bad values fail early and clearly."""
+"""Every config option composes and builds what it says; bad values fail early and clearly."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from dataclasses import is_dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from mlflow_tg.config import ConfigError, check_config, config_id
+from mlflow_tg.config import (
+    Centrality,
+    ConfigError,
+    LrSchedule,
+    build_from_config,
+    check_config,
+    config_id,
+    flatten,
+)
+from mlflow_tg.config.schema import DigitsConfig, TorchvisionConfig
+from mlflow_tg.graph.centrality import CENTRALITIES
 from mlflow_tg.job import train
-from mlflow_tg.train.loop import make_optimizer
-from mlflow_tg.train.models import build_model
-from tests.conftest import CONF_DIR, all_runs, compose_config
+from mlflow_tg.train.loop import make_optimizer, make_schedule
+from mlflow_tg.train.models import BUILDERS
+from tests.conftest import CONF_DIR, compose_config
 
 ROOT = CONF_DIR.parent
+HAS_PSYCOPG2 = importlib.util.find_spec("psycopg2") is not None
 
 
 def group_options(group: str) -> list[str]:
@@ -24,25 +38,103 @@ def group_options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("model", group_options("model"))
-def test_every_model_config_builds_a_network_for_digits(model: str):
+def test_every_model_config_builds_a_network_that_runs_on_digits(model: str):
     cfg = compose_config([f"model={model}", "width=4"])
-    options = OmegaConf.to_container(cfg.model)
-    network = build_model(options.pop("name"), cfg.width, 1, 32, 10, **options)
+    check_config(cfg)
+    assert cfg.model.name == model
+    assert get_method(cfg.model._target_) is BUILDERS[model]  # the name labels what is built
+    network = build_from_config(cfg.model, width=4, in_channels=1, image_size=32, num_classes=10)
     assert network(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
+def test_model_options_reach_the_builder():
+    cfg = compose_config(["model=mlp", "width=3", "model.hidden_multipliers=[5]"])
+    network = build_from_config(cfg.model, width=3, in_channels=1, image_size=8, num_classes=10)
+    assert [layer.out_features for layer in network if isinstance(layer, torch.nn.Linear)] == [
+        15,
+        10,
+    ]
+    cfg = compose_config(["model=vgg", "model.batch_norm=true"])
+    network = build_from_config(cfg.model, width=2, in_channels=3, image_size=32, num_classes=10)
+    assert any(isinstance(layer, torch.nn.BatchNorm2d) for layer in network)
+
+
 @pytest.mark.parametrize("optimizer", group_options("optimizer"))
-def test_every_optimizer_config_builds(optimizer: str):
+def test_every_optimizer_config_builds_its_torch_optimizer(optimizer: str):
     cfg = compose_config([f"optimizer={optimizer}"])
+    check_config(cfg)
     built = make_optimizer(cfg, torch.nn.Linear(2, 2).parameters())
-    assert built.param_groups[0]["lr"] == cfg.optimizer.lr
+    assert type(built).__name__.lower() == cfg.optimizer.name == optimizer
+    group = built.param_groups[0]
+    assert group["lr"] == cfg.optimizer.lr and group["weight_decay"] == cfg.optimizer.weight_decay
+    if optimizer == "sgd":
+        assert (group["momentum"], group["nesterov"]) == (0.9, False)
+    else:
+        assert group["betas"] == (0.9, 0.999)  # a tuple, as torch documents it
 
 
-@pytest.mark.parametrize("group", ["data", "tracking", "graph", "experiment"])
-def test_every_other_group_option_composes(group: str):
-    for option in group_options(group):
-        prefix = "+" if group == "experiment" else ""
-        assert compose_config([f"{prefix}{group}={option}"]) is not None
+def test_sgd_nesterov_and_adam_betas_overrides_reach_torch():
+    cfg = compose_config(["optimizer.nesterov=true", "optimizer.momentum=0.5"])
+    group = make_optimizer(cfg, torch.nn.Linear(2, 2).parameters()).param_groups[0]
+    assert group["nesterov"] is True and group["momentum"] == 0.5
+    cfg = compose_config(["optimizer=adam", "optimizer.betas=[0.8,0.99]"])
+    group = make_optimizer(cfg, torch.nn.Linear(2, 2).parameters()).param_groups[0]
+    assert group["betas"] == (0.8, 0.99)
+
+
+@pytest.mark.parametrize("data", group_options("data"))
+def test_every_data_option_composes_with_its_schema(data: str):
+    cfg = compose_config([f"data={data}"])
+    check_config(cfg)
+    assert cfg.data.name == data
+    schema = DigitsConfig if data == "digits" else TorchvisionConfig
+    assert OmegaConf.get_type(cfg.data) is schema
+    assert 0 < cfg.data.val_fraction < 1 and cfg.data.image_size in (28, 32)
+
+
+def test_tracking_graph_and_experiment_options_compose_to_what_they_promise():
+    server = compose_config(["tracking=server"])
+    check_config(server)
+    assert server.tracking.uri.startswith("http://") and server.tracking.artifact_root is None
+    assert compose_config([]).tracking.uri == "sqlite:///mlflow.db"
+    assert group_options("tracking") == ["local", "server"]
+    assert compose_config(["graph=off"]).graph.enabled is False
+    assert list(compose_config(["graph=full"]).graph.centralities) == list(Centrality)
+    assert group_options("graph") == ["default", "full", "off"]
+    for experiment in group_options("experiment"):
+        cfg = compose_config([f"+experiment={experiment}"])
+        check_config(cfg)
+    population = compose_config(["+experiment=population"])
+    assert population.tracking.experiment == "population" and population.num_threads == 1
+
+
+def test_every_group_option_is_typed_by_a_schema():
+    for group in ("model", "data", "optimizer", "tracking", "graph"):
+        for option in group_options(group):
+            node = compose_config([f"{group}={option}"])[group]
+            assert is_dataclass(OmegaConf.get_type(node)), (group, option)
+
+
+def test_centrality_enum_lists_the_centralities_graph_capture_computes():
+    assert [member.value for member in Centrality] == list(CENTRALITIES)
+
+
+def test_enums_compare_print_and_log_as_their_names():
+    cfg = compose_config(["lr_schedule=cosine", "epochs=4"])
+    assert cfg.lr_schedule is LrSchedule.cosine and cfg.lr_schedule == "cosine"
+    assert f"{cfg.graph.centralities[0]}" == "strength"
+    optimizer = make_optimizer(cfg, torch.nn.Linear(2, 2).parameters())
+    assert isinstance(make_schedule(cfg, optimizer), torch.optim.lr_scheduler.CosineAnnealingLR)
+
+
+def test_params_keep_their_names_and_values_without_hydra_keys():
+    flat = flatten(compose_config(["model=vgg", "optimizer.lr=0.3"]))
+    assert flat["model.name"] == "vgg" and flat["model.batch_norm"] is False
+    assert flat["model.dropout"] == 0.0 and flat["data.name"] == "digits"
+    assert flat["optimizer.lr"] == 0.3 and flat["optimizer.momentum"] == 0.9
+    assert flat["optimizer.weight_decay"] == 0.0005 and flat["lr_schedule"] == "constant"
+    assert flat["graph.centralities"] == ["strength", "eigenvector", "pagerank"]
+    assert not [key for key in flat if "_target_" in key or "_partial_" in key]
 
 
 def test_config_id_ignores_the_seed_and_the_store_but_not_the_learning_rate():
@@ -52,23 +144,62 @@ def test_config_id_ignores_the_seed_and_the_store_but_not_the_learning_rate():
 
 
 BAD_VALUES = [
-    ("width=0", "width=0"),
-    ("width=1.5", "width=1.5"),
-    ("width=abc", "width='abc'"),
-    ("epochs=0", "epochs=0"),
-    ("optimizer.lr=0", "optimizer.lr=0"),
-    ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
-    ("device=tpu", "device='tpu'"),
-    ("lr_schedule=linear", "lr_schedule='linear'"),
+    ("width=0", "width=0 is not allowed"),
+    ("width=1.5", "width=1.5 is not allowed"),
+    ("width=abc", "width='abc' is not allowed"),
+    ("epochs=0", "epochs=0 is not allowed"),
+    ("seed=abc", "seed='abc' is not allowed: seed must be a whole number"),
+    ("num_threads=-1", "num_threads=-1 is not allowed"),
+    ("device=tpu", "device='tpu' is not allowed"),
+    ("lr_schedule=linear", "lr_schedule='linear' is not allowed: choose one of"),
+    ("optimizer.lr=0", "optimizer.lr=0.0 is not allowed"),
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed"),
+    ("optimizer.lr=inf", "optimizer.lr=inf is not allowed"),
+    ("optimizer.momentum=-1", "optimizer.momentum=-1.0 is not allowed"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1.0 is not allowed"),
+    ("optimizer.nesterov=true optimizer.momentum=0", "optimizer.nesterov=True is not allowed"),
+    ("optimizer=adam optimizer.betas=[2,0.9]", "optimizer.betas=[2.0, 0.9] is not allowed"),
+    ("data.val_fraction=0", "data.val_fraction=0.0 is not allowed"),
+    ("data.test_fraction=1.0", "data.test_fraction=1.0 is not allowed"),
+    ("data.image_size=0", "data.image_size=0 is not allowed"),
+    ("model=lenet data.image_size=8", "data.image_size=8 is not allowed with model=lenet"),
+    ("model=vgg data.image_size=16", "data.image_size=16 is not allowed with model=vgg"),
+    ("model.dropout=0.5", "model.dropout=0.5 is not allowed: model has no key 'dropout'"),
+    ("model=mlp model.dropout=1.5", "model.dropout=1.5 is not allowed"),
+    ("graph.centralities=[strength,degree]", "graph.centralities[1]='degree' is not allowed"),
+    ("graph.centralities=[]", "graph.centralities=[] is not allowed"),
+    ("graph.pivots=0", "graph.pivots=0 is not allowed"),
+    ("tracking.experiment=''", "tracking.experiment='' is not allowed"),
+    ("tracking.uri=postgresql://u:p@127.0.0.1/db", "pip install psycopg2-binary"),
+    ("foo=1", "foo=1 is not allowed: the top level has no key 'foo'"),
+    ("+foo=1", "foo=1 is not allowed: the top level has no key 'foo'"),
+    ("+model.depth=3", "model.depth=3 is not allowed: model has no key 'depth'"),
 ]
 
 
 @pytest.mark.parametrize(("override", "named"), BAD_VALUES)
-def test_bad_values_fail_before_any_run_is_created(make_cfg, client, override, named):
+def test_bad_values_fail_before_any_run_is_created(
+    make_cfg, tmp_path, monkeypatch, override, named
+):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # as on a machine without PostgreSQL's driver
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "psycopg2" else real_find_spec(name, *args),
+    )
+    never = tmp_path / "never.db"  # not make_cfg's store: that one is a ready copy
     with pytest.raises(ConfigError) as error:
-        train(make_cfg(override))
+        train(make_cfg(f"tracking.uri=sqlite:///{never}", *override.split()))
     assert named in str(error.value) and "\n" not in str(error.value)
-    assert all_runs(client) == []
+    assert not never.exists()  # the store was never even opened
+
+
+def test_tracking_uri_message_hides_the_password(make_cfg, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ConfigError) as error:
+        check_config(make_cfg("tracking.uri=postgresql://user:secret@127.0.0.1/db"))
+    assert "postgresql://user:***@127.0.0.1/db" in str(error.value)
+    assert "secret" not in str(error.value) and "postgresql+psycopg2://" in str(error.value)
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused():
@@ -89,19 +220,43 @@ def run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_bad_value_exits_non_zero_with_one_paragraph(tmp_path: Path):
-    result = run_train(tmp_path, "width=-3")
-    assert result.returncode != 0
-    assert (
-        "width=-3 is not allowed: width must be a whole number ≥ 1" in result.stderr + result.stdout
-    )
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "mlflow.db").exists()
+CLI_BAD_VALUES = [
+    ("width=-3", "width=-3 is not allowed: width must be a whole number ≥ 1"),
+    # one in the default tier: each is a fresh train.py process (5-9 s, mostly imports), and
+    # test_bad_values_fail_before_any_run_is_created checks every value in-process
+    pytest.param(
+        "seed=abc", "seed='abc' is not allowed: seed must be a whole number", marks=pytest.mark.slow
+    ),
+    pytest.param("optimizer.lr=inf", "optimizer.lr=inf is not allowed", marks=pytest.mark.slow),
+    pytest.param(
+        "model=lenet data.image_size=8",
+        "data.image_size=8 is not allowed with model=lenet",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        "tracking.uri=postgresql://u:p@127.0.0.1/db",
+        "pip install psycopg2-binary and use postgresql+psycopg2://",
+        marks=pytest.mark.skipif(HAS_PSYCOPG2, reason="psycopg2 is installed here"),
+    ),
+]
 
 
-def test_cli_unknown_model_lists_the_choices(tmp_path: Path):
+@pytest.mark.parametrize(("overrides", "named"), CLI_BAD_VALUES)
+def test_cli_bad_value_exits_2_with_one_paragraph_and_no_run(tmp_path: Path, overrides, named):
+    store = tmp_path / "store"
+    result = run_train(tmp_path, f"tracking.uri=sqlite:///{store}/mlflow.db", *overrides.split())
+    assert result.returncode == 2, result.stderr[-3000:]
+    output = result.stderr + result.stdout
+    (line,) = [line for line in output.splitlines() if "is not allowed" in line]
+    assert named in line and line.endswith(".")
+    assert "Traceback" not in output
+    assert not store.exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlartifacts").exists()
+
+
+def test_cli_unknown_model_lists_the_choices_and_exits_2(tmp_path: Path):
     result = run_train(tmp_path, "model=transformer")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Could not find 'model/transformer'" in result.stderr
-    for choice in ("lenet", "mlp", "resnet", "vgg"):
-        assert choice in result.stderr
+    options = result.stderr.split("Available options in 'model':")[1].split("Config search")[0]
+    assert options.split() == ["lenet", "mlp", "resnet", "vgg"]  # the schemas are not options

@@ -11,6 +11,7 @@ import pytest
 import scipy.io
 import torch
 
+from mlflow_tg.errors import ConfigError
 from mlflow_tg.train.data import DataNotFoundError, batches, load_data, prepare_batch, random_crop
 from tests.conftest import compose_config
 
@@ -73,6 +74,26 @@ def test_digits_split_is_deterministic_and_disjoint():
     assert not torch.equal(other.test.images, first.test.images)
     labels = torch.cat([first.train.labels, first.val.labels, first.test.labels])
     assert torch.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.test_fraction=0.0001", "leaves the test split without images (of 1797)"),
+        ("data.val_fraction=0.0001", "leaves the val split without images (of 1797)"),
+    ],
+)
+def test_digits_fractions_that_leave_a_split_empty_are_refused(override: str, named: str):
+    with pytest.raises(ConfigError) as error:
+        load_data(data_cfg("digits", None, override))
+    assert override in str(error.value)
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_torchvision_validation_fraction_too_small_for_the_files_is_refused(tmp_path: Path):
+    write_mnist(tmp_path, "MNIST", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.001 is not allowed for mnist"):
+        load_data(data_cfg("mnist", tmp_path, "data.val_fraction=0.001"))
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])

@@ -11,19 +11,24 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import polars as pl
 import pytest
+from catboost import CatBoostRegressor
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
+from mlflow_tg import keys
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
 from mlflow_tg.predictor.evaluate import compare, in_holdout
-from mlflow_tg.predictor.features import columns_of, run_features
+from mlflow_tg.predictor.features import categorical_columns, columns_of, hparam_features
 from mlflow_tg.predictor.fit import fit
 from mlflow_tg.predictor.job import fit_predictor
+from mlflow_tg.predictor.model import PARAM_KEYS, RunPredictor, fitted_window, model_input
 from mlflow_tg.predictor.registry import (
     CHAMPION,
     FeatureSpec,
@@ -32,7 +37,7 @@ from mlflow_tg.predictor.registry import (
     log_and_register,
     version_by_alias,
 )
-from mlflow_tg.predictor.scoring import model_columns, model_row
+from mlflow_tg.predictor.scoring import answer_each
 from mlflow_tg.tracking.runs import load_run, load_runs, read_history
 from tests.conftest import predictor_config
 from tests.servers import free_port
@@ -40,11 +45,29 @@ from tests.servers import free_port
 NAME = "tg-performance-predictor"
 
 
+def registered(population, version: str) -> RunPredictor:
+    """A registered version's pyfunc model, unwrapped."""
+    mlflow.set_tracking_uri(population["uri"])
+    return mlflow.pyfunc.load_model(f"models:/{NAME}/{version}").unwrap_python_model()
+
+
+def requests_of(records, k: int) -> dict[str, pd.DataFrame]:
+    """Each run's request rows, epochs 0..k."""
+    return {
+        run.run_id: model_input([r for r in run.history if r["epoch"] <= k], run.params, run.run_id)
+        for run in records
+    }
+
+
+@pytest.mark.slow
 def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(champion, population):
     client = MlflowClient(population["uri"])
     version = client.get_model_version_by_alias(NAME, CHAMPION)
     assert champion["alias"] == CHAMPION and version.version == champion["version"]
-    assert FeatureSpec.of_version(version) == FeatureSpec(2, "graph+curve+hparams", Holdout(0.4, 0))
+    expected = FeatureSpec(2, "graph+curve+hparams", Holdout(0.4, 0), (1, 2, 3))
+    assert FeatureSpec.of_version(version) == expected
+    assert version.tags["mlflow_tg.ks"] == "1,2,3"
+    assert champion["registration_s"] < 30
     run = client.get_run(champion["run_id"])
     assert run.data.params["runs"] == "24" and run.data.tags["mlflow_tg.alias"] == CHAMPION
     assert run.data.params["seed"] == "0"
@@ -65,17 +88,52 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     } <= artifacts
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "predictor-training-table"
-    inputs = mlflow.models.get_model_info(f"models:/{NAME}@{CHAMPION}").signature.inputs
-    types = {column.name: column.type.name for column in inputs.inputs}
-    records = load_runs(MlflowClient(population["uri"]), "population")
-    registered_run = next(r for r in records if r.history is not None)
-    built = run_features(registered_run.history, registered_run.params, 2, "graph+curve+hparams")
+    info = mlflow.models.get_model_info(f"models:/{NAME}@{CHAMPION}")
+    assert set(info.flavors) == {"python_function"}
+    specs = {column.name: column for column in info.signature.inputs.inputs}
+    assert [specs["run_id"].type.name, specs["epoch"].type.name] == ["string", "long"]
+    assert specs["run_id"].required and specs["epoch"].required
+    predictor = registered(population, champion["version"])
+    assert predictor.ks == [1, 2, 3]
     kept = predictor_config(population).max_features
-    assert len(types) == kept < len(built) and set(types) <= set(built)
-    categories = {"model", "optimizer", "lr_schedule", "data"}
-    assert {t for name, t in types.items() if name not in categories} == {"double"}
+    assert all(len(window.columns) == kept for window in predictor.windows.values())
+    metrics = {metric for window in predictor.windows.values() for metric in window.metrics}
+    assert set(specs) == {"run_id", "epoch", *metrics, *PARAM_KEYS}
+    assert {(specs[m].type.name, specs[m].required) for m in metrics} == {("double", False)}
+    assert {(specs[p].type.name, specs[p].required) for p in PARAM_KEYS} == {("string", False)}
+    assert info.signature.outputs.input_names() == [
+        "run_id", "k", "predicted_test_acc", "predicted_test_acc_low",
+        "predicted_test_acc_high", "out_of_distribution", "ood_reasons",
+    ]  # fmt: skip
+    assert run.data.params["ks"] == "1,2,3"
+    for key in ("holdout/coverage80", "holdout/k1/coverage80", "holdout/k3/coverage80"):
+        assert 0 <= run.data.metrics[key] <= 1, key
 
 
+@pytest.mark.slow
+def test_the_logged_coverage_is_the_share_of_held_out_runs_inside_the_served_interval(
+    champion, population
+):
+    client = MlflowClient(population["uri"])
+    run = client.get_run(champion["run_id"])
+    table = pl.read_parquet(client.download_artifacts(champion["run_id"], "training_table.parquet"))
+    held = table.filter(pl.col("held_out"))
+    actual = dict(zip(held["run_id"], held["test_acc"], strict=True))
+    records = [load_run(client, run_id) for run_id in actual]
+    mlflow.set_tracking_uri(population["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{champion['version']}")
+    answers, refused = answer_each(model, requests_of(records, 2))
+    assert not refused and answers["k"].tolist() == [2] * len(actual)
+    low, high = answers["predicted_test_acc_low"], answers["predicted_test_acc_high"]
+    truth = answers["run_id"].map(actual)
+    coverage = float(((low <= truth) & (truth <= high)).mean())
+    assert run.data.metrics["holdout/coverage80"] == pytest.approx(coverage)
+    assert champion["coverage"][2] == pytest.approx(coverage)
+    assert (low <= answers["predicted_test_acc"]).all()
+    assert (answers["predicted_test_acc"] <= high).all() and (low >= 0).all() and (high <= 1).all()
+
+
+@pytest.mark.slow
 def test_quality_table_covers_every_set_split_and_subset(champion):
     quality = champion["quality"]
     sets = set(quality["features"])
@@ -88,6 +146,7 @@ def test_quality_table_covers_every_set_split_and_subset(champion):
     assert held["runs"].n_unique() == 1 and 3 <= held["runs"][0] <= 21
 
 
+@pytest.mark.slow
 def test_a_refit_that_does_not_beat_the_champion_becomes_challenger(population):
     name = "tie-test"
     first = fit_predictor(predictor_config(population, f"registered_model={name}"))
@@ -100,17 +159,24 @@ def test_a_refit_that_does_not_beat_the_champion_becomes_challenger(population):
     assert run.data.metrics["comparison/candidate"] == run.data.metrics["comparison/champion"]
 
 
+@pytest.mark.slow
 def test_a_better_model_takes_the_champion_alias(population):
     name = "promotion-test"
     cfg = predictor_config(population, f"registered_model={name}")
     mlflow.set_tracking_uri(population["uri"])
-    dataset = build_dataset(load_runs(MlflowClient(), "population"), 2, "graph+curve+hparams")
+    records = load_runs(MlflowClient(), "population")
+    dataset = build_dataset(records, 2, "graph+curve+hparams")
     columns = columns_of(dataset.feature_columns, "graph+curve+hparams")
     x = dataset.matrix(columns)
-    inverted = fit(x, -dataset.column("test_acc"), cfg)  # ranks runs backwards
+    inverted = fit(x, 1 - dataset.column("test_acc"), cfg)  # ranks runs backwards
+    by_id = {run.run_id: run for run in records}
+    hparams = pd.DataFrame([hparam_features(by_id[i].params) for i in dataset.frame["run_id"]])
+    window = fitted_window(2, inverted, x, hparams)
+    predictor = RunPredictor([window], (0.1, 0.5, 0.9), {2: inverted})
+    (example,) = requests_of([by_id[dataset.frame["run_id"][0]]], 2).values()
     mlflow.set_experiment("tg-predictor")
     with mlflow.start_run():
-        version = log_and_register(inverted, x.head(5), name, FeatureSpec(2, "graph+curve+hparams"))
+        version = log_and_register(predictor, example, name, FeatureSpec(2, "graph+curve+hparams"))
     MlflowClient().set_registered_model_alias(name, CHAMPION, version.version)
     result = fit_predictor(cfg)
     assert result["alias"] == CHAMPION and int(result["version"]) == 2
@@ -129,6 +195,8 @@ def test_a_better_model_takes_the_champion_alias(population):
         ("holdout_fraction=1.5", "holdout_fraction=1.5"),
         ("selection_metric=accuracy", "selection_metric='accuracy'"),
         ("max_features=-5", "max_features=-5"),
+        ("ks=[1,3]", "is not allowed with k=2: ks lists"),
+        ("catboost.loss_function=RMSE", "catboost.loss_function='RMSE'"),
     ],
 )
 def test_bad_predictor_config_is_refused_before_reading_runs(tmp_path, override, named):
@@ -153,12 +221,12 @@ def test_predictor_command_on_an_empty_store_exits_2_naming_the_experiment(tmp_p
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_feature_importances_are_the_registered_models(champion, population):
     client = MlflowClient(population["uri"])
     path = client.download_artifacts(champion["run_id"], "feature_importance.parquet")
     importance = pl.read_parquet(path)
-    mlflow.set_tracking_uri(population["uri"])
-    columns = model_columns(f"models:/{NAME}/{champion['version']}")
+    columns = registered(population, champion["version"]).windows[2].columns
     assert importance.height == len(columns) and set(importance["feature"]) == set(columns)
     assert np.all(np.diff(importance["importance"].to_numpy()) <= 0)
 
@@ -169,18 +237,22 @@ def same(a: float | str, b: float | str) -> bool:
     return a == b or both_nan
 
 
-def test_a_runs_row_of_the_training_table_is_what_it_is_served(champion, population):
+@pytest.mark.slow
+def test_a_runs_row_of_the_training_table_is_what_the_served_model_reads(champion, population):
     client = MlflowClient(population["uri"])
-    mlflow.set_tracking_uri(population["uri"])
     table = pl.read_parquet(client.download_artifacts(champion["run_id"], "training_table.parquet"))
-    columns = model_columns(f"models:/{NAME}/{champion['version']}")
-    for run_id in table["run_id"].head(4):
-        run = load_run(client, run_id)
-        served = model_row(run_features(run.history, run.params, 2, "graph+curve+hparams"), columns)
-        fitted = Dataset(table.filter(pl.col("run_id") == run_id)).matrix(columns).iloc[0]
-        assert all(same(fitted[c], served[c]) for c in columns), run_id
+    predictor = registered(population, champion["version"])
+    columns = predictor.windows[2].columns
+    records = [load_run(client, run_id) for run_id in table["run_id"].head(4)]
+    runs, refusals = predictor.read_runs(pd.concat(requests_of(records, 2).values()))
+    assert not refusals and [run["k"] for run in runs] == [2] * 4
+    for run in runs:
+        fitted = Dataset(table.filter(pl.col("run_id") == run["run_id"])).matrix(columns).iloc[0]
+        served = dict(zip(columns, run["features"], strict=True))
+        assert all(same(fitted[c], served[c]) for c in columns), run["run_id"]
 
 
+@pytest.mark.slow
 def test_fit_keeps_the_most_important_features_and_the_dataset_keeps_width(population):
     mlflow.set_tracking_uri(population["uri"])
     dataset = build_dataset(load_runs(MlflowClient(), "population"), 2, "graph+curve+hparams")
@@ -188,24 +260,25 @@ def test_fit_keeps_the_most_important_features_and_the_dataset_keeps_width(popul
     x, y = dataset.matrix(dataset.feature_columns), dataset.column("test_acc")
     kept = fit(x, y, predictor_config(population, "max_features=10"))
     assert len(kept.feature_names_) == 10 and set(kept.feature_names_) <= set(x.columns)
+    assert kept.feature_names_ == [c for c in x.columns if c in kept.feature_names_]  # in order
     everything = fit(x, y, predictor_config(population, "max_features=0"))
     assert everything.feature_names_ == list(x.columns)
-    top = np.argsort(-everything.get_feature_importance(), kind="stable")[:10]
-    assert set(kept.feature_names_) == {x.columns[i] for i in top}
 
 
 HPARAMS_ONLY = ("feature_sets=hparams", "compare_sets=[hparams]")
 
 
-def test_a_fit_without_the_curve_set_still_has_its_baseline_and_typed_categories(population):
+@pytest.mark.slow
+def test_a_fit_without_the_curve_set_still_has_its_baseline_and_reads_only_params(population):
     result = fit_predictor(predictor_config(population, "registered_model=hparams", *HPARAMS_ONLY))
     assert set(result["quality"]["features"]) == {"hparams", "val_acc@k"}
     inputs = mlflow.models.get_model_info(f"models:/hparams/{result['version']}").signature.inputs
-    types = {column.name: column.type.name for column in inputs.inputs}
+    assert inputs.input_names() == ["run_id", "epoch", *PARAM_KEYS]  # no metric read
+    mlflow.set_tracking_uri(population["uri"])
+    predictor = mlflow.pyfunc.load_model(f"models:/hparams/{result['version']}")
     categories = {"model", "optimizer", "lr_schedule", "data"}
-    assert categories <= set(types)  # 12 columns, fewer than max_features: all kept
-    assert {types[name] for name in categories} == {"string"}
-    assert {t for name, t in types.items() if name not in categories} == {"double"}
+    window = predictor.unwrap_python_model().windows[2]
+    assert categories <= set(window.columns)  # 12 columns, fewer than max_features: all kept
 
 
 def held_out_by_both(population, seeds: tuple[int, int]) -> tuple[int, int, int]:
@@ -216,6 +289,7 @@ def held_out_by_both(population, seeds: tuple[int, int]) -> tuple[int, int, int]
     return int(first.sum()), int(second.sum()), int((first & second).sum())
 
 
+@pytest.mark.slow
 def test_a_champion_of_another_seed_is_compared_on_the_runs_both_held_out(population):
     theirs, ours, both = held_out_by_both(population, (2, 0))
     assert 3 <= both < min(theirs, ours)  # the population's configurations give an overlap
@@ -232,15 +306,18 @@ def test_a_champion_of_another_seed_is_compared_on_the_runs_both_held_out(popula
     assert "(seed 2, fraction 0.4)" in second["verdict"]
 
 
+@pytest.mark.slow
 def test_no_comparison_and_no_promotion_when_too_few_runs_are_held_out_by_both(population):
-    assert held_out_by_both(population, (1, 0))[2] < 3
+    both = held_out_by_both(population, (1, 0))[2]
+    assert both < 3
     overrides = ("registered_model=disjoint-test", *HPARAMS_ONLY)
     fit_predictor(predictor_config(population, *overrides, "seed=1"))
     second = fit_predictor(predictor_config(population, *overrides))
-    assert second["alias"] == "challenger"
-    assert second["verdict"].startswith("not compared: only 0 runs held out under both")
+    assert second["alias"] == "challenger"  # the champion answered the runs, too few to compare
+    assert second["verdict"].startswith(f"not compared: only {both} runs held out under both")
 
 
+@pytest.mark.slow
 def test_a_champion_that_cannot_be_loaded_is_replaced_naming_the_error(population, tmp_path):
     name = "broken-test"
     client = MlflowClient(population["uri"])
@@ -256,6 +333,33 @@ def test_a_champion_that_cannot_be_loaded_is_replaced_naming_the_error(populatio
     assert client.get_model_version_by_alias(name, CHAMPION).version == result["version"]
 
 
+@pytest.mark.slow
+def test_a_column_based_champion_cannot_score_runs_and_is_replaced_naming_why(population):
+    name = "column-test"
+    mlflow.set_tracking_uri(population["uri"])
+    dataset = build_dataset(load_runs(MlflowClient(), "population"), 2, "hparams")
+    x = dataset.matrix(columns_of(dataset.feature_columns, "hparams"))
+    old = CatBoostRegressor(iterations=20, verbose=False, allow_writing_files=False,
+                            cat_features=categorical_columns(x.columns))  # fmt: skip
+    old.fit(x, dataset.column("test_acc"))
+    mlflow.set_experiment("tg-predictor")
+    with mlflow.start_run():  # a version of the former kind: a bare CatBoost on feature columns
+        info = mlflow.catboost.log_model(
+            old, name="model", signature=infer_signature(x, old.predict(x)),
+            pip_requirements=["catboost"],
+        )  # fmt: skip
+    spec = FeatureSpec(2, "hparams", Holdout(0.4, 0))
+    column_based = mlflow.register_model(info.model_uri, name, tags=spec.tags())
+    MlflowClient().set_registered_model_alias(name, CHAMPION, column_based.version)
+    result = fit_predictor(predictor_config(population, f"registered_model={name}", *HPARAMS_ONLY))
+    assert result["alias"] == CHAMPION and result["version"] != column_based.version
+    verdict = MlflowClient().get_run(result["run_id"]).data.tags["mlflow_tg.comparison"]
+    assert verdict.startswith(f"champion v{column_based.version} cannot be used (RegistryError: ")
+    assert "is a column-based model (flavors: catboost, python_function" in verdict
+    assert "it cannot score runs" in verdict and "so the new version replaces it" in verdict
+
+
+@pytest.mark.slow
 def test_width_transfer_of_runs_of_one_width_is_not_available(population):
     mlflow.set_tracking_uri(population["uri"])
     dataset = build_dataset(load_runs(MlflowClient(), "population"), 2, "curve+hparams")
@@ -302,6 +406,30 @@ def test_a_finished_run_without_history_is_left_out_and_logged(client, tmp_path,
     dataset = build_dataset(list(records.values()), 1, "curve")
     assert dataset.frame["run_id"].to_list() == [good]
     assert dataset.left_out == {"no test_acc": 1, f"no {HISTORY_ARTIFACT}": 1}
+
+
+def test_runs_tagged_pruned_are_left_out_and_counted(client, tmp_path):
+    experiment = client.create_experiment("population", str(tmp_path / "artifacts"))
+    history = [
+        {"epoch": 0, "val_acc": 0.1, "val_loss": 2.0, "train_loss": None, "train_acc": None},
+        {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.5, "train_acc": 0.4},
+    ]
+    pruned, kept, spared = (log_run(client, experiment, {"test_acc": 0.3}, history) for _ in "abc")
+    client.set_tag(pruned, keys.PRUNED, "true")
+    client.set_tag(spared, keys.PRUNED, "false")  # the policy let it finish
+    dataset = build_dataset(load_runs(client, "population"), 1, "curve")
+    assert sorted(dataset.frame["run_id"].to_list()) == sorted([kept, spared])
+    assert dataset.left_out == {"pruned": 1}
+
+
+def test_a_versions_windows_are_in_its_tags(client, tmp_path):
+    spec = FeatureSpec(2, "curve", Holdout(0.4, 0), (1, 2, 5))
+    client.create_registered_model("windows")
+    version = client.create_model_version("windows", str(tmp_path), tags=spec.tags())
+    assert version.tags["mlflow_tg.ks"] == "1,2,5" and FeatureSpec.of_version(version) == spec
+    older = client.create_model_version("windows", str(tmp_path), tags={"mlflow_tg.k": "2",
+                                        "mlflow_tg.feature_sets": "curve"})  # fmt: skip
+    assert FeatureSpec.of_version(older).ks == ()
 
 
 class FailingDownloads:

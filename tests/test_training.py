@@ -133,6 +133,7 @@ def test_ctrl_c_ends_the_run_killed(make_cfg, client, monkeypatch):
     assert run.info.status == RunStatus.to_string(RunStatus.KILLED)
 
 
+@pytest.mark.slow
 def test_tracking_server_receives_the_run(make_cfg, tracking_server):
     from mlflow import MlflowClient
 

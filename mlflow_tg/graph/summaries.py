@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+from scipy import stats
 
 from mlflow_tg.keys import GRAPH_SIZE, graph_metric
 
@@ -38,11 +39,9 @@ def gini(values: np.ndarray) -> float:
 
 def normalised_entropy(values: np.ndarray) -> float:
     """Entropy of ``values / sum`` over log(n): 1 for uniform values, 0 for one non-zero."""
-    total = values.sum()
-    if len(values) < 2 or total <= 0:
+    if len(values) < 2 or values.sum() <= 0:
         return 0.0
-    p = values[values > 0] / total
-    return float(-(p * np.log(p)).sum() / np.log(len(values)))
+    return float(stats.entropy(values, base=len(values)))  # normalises to sum 1, 0 log 0 = 0
 
 
 def statistics(values: np.ndarray) -> dict[str, float]:

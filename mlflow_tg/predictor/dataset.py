@@ -50,14 +50,21 @@ class Dataset:
 
 
 def build_dataset(records: list[RunRecord], k: int, sets: str) -> Dataset:
-    """Feature rows of every run with a final accuracy and epochs 0..k."""
+    """Feature rows of every run with a final accuracy and epochs 0..k.
+
+    Runs tagged ``pruned`` are left out (and counted): a pruning policy stopped them, so their
+    final accuracy is not the full budget's a prediction is about.
+    """
     rows, left_out = [], Counter()
     for run in records:
+        if run.tags.get(keys.PRUNED) == "true":  # its final accuracy is not the full budget's
+            left_out["pruned"] += 1
+            continue
         if TARGET not in run.metrics:
             left_out[f"no {TARGET}"] += 1
             continue
         if run.history is None:
-            left_out[f"no {keys.HISTORY}"] += 1
+            left_out[f"{'unreadable' if run.history_error else 'no'} {keys.HISTORY}"] += 1
             continue
         try:
             features = run_features(run.history, run.params, k, sets, run.run_id)

@@ -229,3 +229,32 @@ def design_matrix(frame: pl.DataFrame, columns: list[str]) -> pd.DataFrame:
         else:
             matrix[column] = matrix[column].astype("float64")
     return matrix
+
+
+WINDOW_SUMMARIES = ("change", "slope", "relchange")
+
+
+def param_of(column: str) -> str | None:
+    """The param key an hparams column is built from (``log10_lr`` → ``optimizer.lr``)."""
+    if column in NUMERIC_HPARAMS:
+        return NUMERIC_HPARAMS[column][0]
+    return CATEGORICAL_HPARAMS.get(column)
+
+
+def metric_reads(column: str, k: int) -> tuple[str, list[int]]:
+    """The metric a graph or curve column is built from, and the epochs of it that it reads.
+
+    ``val_acc@2`` reads epoch 2; ``val_acc.slope`` every epoch of its window; ``.change`` and
+    ``.relchange`` the window's first and last; ``train_loss.sum`` epochs 1..k.
+    """
+    if "@" in column:
+        metric, epoch = column.rsplit("@", 1)
+        return metric, [int(epoch)]
+    metric, _, summary = column.rpartition(".")
+    if column == f"{keys.TRAIN_LOSS}.sum":
+        return keys.TRAIN_LOSS, list(range(1, k + 1))
+    if summary not in WINDOW_SUMMARIES:
+        raise ValueError(f"{column!r} is not a feature column of a window of epochs")
+    first = 1 if metric in CURVE_FROM_EPOCH_ONE else 0
+    epochs = list(range(first, k + 1))
+    return metric, epochs if summary == "slope" else [epochs[0], epochs[-1]]

@@ -1,47 +1,85 @@
-"""Fitting the predictor: CatBoost on the features, refitted on the most important ones."""
+"""Fitting the predictor: CatBoost on the features, refitted on those CatBoost selects."""
 
 from __future__ import annotations
 
+import tempfile
+from typing import Any
+
 import numpy as np
 import pandas as pd
-from catboost import CatBoostRegressor
+from catboost import CatBoostRegressor, EFeaturesSelectionAlgorithm
 from omegaconf import DictConfig, OmegaConf
 
 from mlflow_tg.predictor.dataset import Dataset
 from mlflow_tg.predictor.features import categorical_columns
+from mlflow_tg.predictor.model import quantiles_of, to_interval
 from mlflow_tg.tracking.runs import TARGET
 
 
-def catboost(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
-    """A CatBoost regressor on the features; model, optimizer etc. as native categories."""
-    model = CatBoostRegressor(
+def regressor(x: pd.DataFrame, cfg: DictConfig, **options: Any) -> CatBoostRegressor:
+    """An unfitted CatBoost regressor for ``x``; model, optimizer etc. as native categories."""
+    return CatBoostRegressor(
         **OmegaConf.to_container(cfg.catboost, resolve=True),
         random_seed=cfg.seed,
         cat_features=categorical_columns(x.columns),
         verbose=False,
         allow_writing_files=False,
+        **options,
     )
-    return model.fit(x, y)
+
+
+def catboost(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
+    """A CatBoost regressor fitted on the features."""
+    return regressor(x, cfg).fit(x, y)
 
 
 def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
-    """CatBoost on the ``max_features`` most important columns of a first fit on all of them.
+    """CatBoost on the ``max_features`` columns that CatBoost's ``select_features`` keeps.
 
     Serving cost grows with the columns (MLflow's scoring server casts and checks each one;
     CatBoost converts each): one prediction through ``mlflow models serve`` took 128 ms with
     all 886 columns, 11 ms with 64 and 7 ms with 32, while held-out quality stayed level.
     Selection happens inside the fit, so evaluations include it.
+
+    Recursive elimination by prediction-values change, then a refit on the kept columns:
+    select_features' own final model still reads every column (the others only ignored), and
+    so would its MLflow signature. Against the former top-N of one fit's importances, on the
+    test population (24 runs, 353 columns, k=2, 32 kept, mean of 5 hashed 40 % holdouts):
+    Kendall τ 0.53 → 0.64 (better on each holdout), R² 0.38 → 0.39, MAE 19.7 → 20.5 points,
+    fit 0.28 → 0.44 s at 60 iterations; at conf's 600: τ 0.59 → 0.63, R² 0.50 → 0.56, MAE
+    15.2 → 14.4, fit 4.3 → 8.8 s. CatBoost's default, by SHAP values: τ 0.60 and 0.69 for a
+    fit of 8.5 and 22.7 s.
     """
-    model = catboost(x, y, cfg)
-    if cfg.max_features and x.shape[1] > cfg.max_features:
-        ranked = np.argsort(-model.get_feature_importance(), kind="stable")
-        model = catboost(x.iloc[:, np.sort(ranked[: cfg.max_features])], y, cfg)
-    return model
+    if not cfg.max_features or x.shape[1] <= cfg.max_features:
+        return catboost(x, y, cfg)
+    with tempfile.TemporaryDirectory() as scratch:  # it makes catboost_info/ folders regardless
+        selection = regressor(x, cfg, train_dir=scratch).select_features(
+            x,
+            y,
+            features_for_select=list(range(x.shape[1])),
+            num_features_to_select=cfg.max_features,
+            algorithm=EFeaturesSelectionAlgorithm.RecursiveByPredictionValuesChange,
+            train_final_model=False,
+            logging_level="Silent",
+        )
+    return catboost(x.iloc[:, sorted(selection["selected_features"])], y, cfg)
 
 
 def predict(model: CatBoostRegressor, x: pd.DataFrame) -> np.ndarray:
-    """Predictions from the columns the model kept (CatBoost reads columns by position)."""
-    return model.predict(x[model.feature_names_])
+    """Point predictions from the columns the model kept (CatBoost reads columns by position).
+
+    A ``MultiQuantile`` model's point is its median (column of alpha 0.5); ``predict_interval``
+    gives all of its quantiles.
+    """
+    predicted = model.predict(x[model.feature_names_])
+    if np.ndim(predicted) == 1:
+        return predicted
+    return predicted[:, quantiles_of(model.get_params()["loss_function"]).index(0.5)]
+
+
+def predict_interval(model: CatBoostRegressor, x: pd.DataFrame, widen: float = 0.0) -> np.ndarray:
+    """A ``MultiQuantile`` model's (low, point, high) per row, as the registered model answers."""
+    return to_interval(model.predict(x[model.feature_names_]), widen)
 
 
 def fit_and_score(

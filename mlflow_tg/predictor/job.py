@@ -4,10 +4,12 @@ From the finished runs of ``source_experiment``: one feature row per run (``data
 target = final ``test_acc``. Every set of ``compare_sets`` is fitted on the runs of the
 training configurations outside a fixed held-out share and scored on the held-out ones, and
 fitted on the narrower half of the widths and scored on the wider half (width transfer), next
-to the baseline a sweep would use anyway: ranking runs by ``val_acc`` at epoch k. The model of
-``feature_sets`` is logged, registered as a new version (tagged with its split), and made
-``champion`` when it beats the current champion on the runs held out from both fits (else
-``challenger``). Everything lands in one MLflow run of the ``tracking.experiment`` experiment.
+to the baseline a sweep would use anyway: ranking runs by ``val_acc`` at epoch k. The set
+``feature_sets`` is also fitted at every other window of ``ks``; the models of all windows are
+logged as one pyfunc model that answers runs (``model.py``), registered as a new version (tagged
+with its windows and split), and made ``champion`` when it beats the current champion at window
+k on the runs held out from both fits (else ``challenger``). Everything lands in one MLflow run
+of the ``tracking.experiment`` experiment.
 """
 
 from __future__ import annotations
@@ -15,23 +17,29 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import mlflow
 import numpy as np
+import pandas as pd
 import polars as pl
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from mlflow_tg import keys
 from mlflow_tg.config import CONF_DIR, is_whole_number
 from mlflow_tg.errors import ConfigError
+from mlflow_tg.predictor.calibrate import widening
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
 from mlflow_tg.predictor.evaluate import QUALITY_METRICS, Comparison, compare, metric_key
-from mlflow_tg.predictor.features import parse_sets, set_name
+from mlflow_tg.predictor.features import columns_of, hparam_features, parse_sets, set_name
 from mlflow_tg.predictor.figures import importance_figure, predicted_vs_actual_figure
+from mlflow_tg.predictor.fit import fit, predict_interval
+from mlflow_tg.predictor.model import RunPredictor, fitted_window, model_input, quantiles_of
 from mlflow_tg.predictor.promote import versus_champion
 from mlflow_tg.predictor.registry import (
     FeatureSpec,
@@ -57,6 +65,17 @@ def check_predictor_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"k={cfg.k!r} is not allowed: k must be a whole number ≥ 0 (epochs 0..k)."
         )
+    ks = list(cfg.ks)
+    if not ks or any(not is_whole_number(k) or k < 0 for k in ks) or cfg.k not in ks:
+        raise ConfigError(
+            f"ks={ks!r} is not allowed with k={cfg.k}: ks lists the windows the registered "
+            "model answers from (whole numbers ≥ 0, for example [1, 2, 3]) and must include "
+            "k, the window of the quality and champion comparisons."
+        )
+    try:
+        quantiles_of(cfg.catboost.loss_function)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for sets in [cfg.feature_sets, *cfg.compare_sets]:
         try:
             parse_sets(sets)
@@ -110,8 +129,73 @@ def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
     log.info("width transfer: %s", comparison.transfer)
     with pl.Config(tbl_rows=100, tbl_cols=12, float_precision=3):
         log.info("\n%s", comparison.table)
-    outcome = log_predictor_run(client, cfg, dataset, holdout, comparison, records)
-    return outcome | {"quality": comparison.table}
+    predictor, coverage = fit_windows(cfg, records, dataset, holdout, comparison)
+    log.info("held-out coverage of the %g interval by window: %s", predictor.nominal, coverage)
+    outcome = log_predictor_run(
+        client, cfg, dataset, holdout, comparison, records, (predictor, coverage)
+    )
+    return outcome | {"quality": comparison.table, "coverage": coverage}
+
+
+def fit_windows(
+    cfg: DictConfig,
+    records: list[RunRecord],
+    dataset: Dataset,
+    holdout: np.ndarray,
+    comparison: Comparison,
+) -> tuple[RunPredictor, dict[int, float]]:
+    """The registered set's model at every window of ``ks``, and each one's held-out coverage.
+
+    Window k's model is the comparison's; the others are fitted the same way (without the
+    held-out configurations) on the runs that have their epochs. Each interval is calibrated on
+    the training runs (``calibrate.py``); coverage: the share of held-out runs whose final
+    accuracy lies inside their interval (nominal: ``predictor.nominal``).
+    """
+    registered, split = set_name(cfg.feature_sets), Holdout(cfg.holdout_fraction, cfg.seed)
+    quantiles = quantiles_of(cfg.catboost.loss_function)
+    nominal = quantiles[2] - quantiles[0]
+    by_id = {run.run_id: run for run in records}
+    windows, models, coverage = [], {}, {}
+    for k in sorted(set(cfg.ks)):
+        data, held, model = dataset, holdout, comparison.model
+        if k != cfg.k:
+            data = build_dataset(records, k, registered)
+            held = split.rows(data.groups)
+            if min(held.sum(), (~held).sum()) < 3:
+                raise RunNotFoundError(
+                    f"window k={k} of ks has {data.frame.height} usable runs ({int(held.sum())} "
+                    "held out), too few to fit and check a model (3 on each side); left out: "
+                    f"{data.left_out or 'none'}. Drop it from ks."
+                )
+            columns = columns_of(data.feature_columns, registered)
+            model = fit(data.matrix(columns, ~held), data.column(TARGET, ~held), cfg)
+        trained = pd.DataFrame([hparam_features(by_id[i].params) for i in data.run_ids(~held)])
+        x = data.matrix(model.feature_names_, ~held)
+        groups = [group for group, out in zip(data.groups, held, strict=True) if not out]
+        widen = widening(x, data.column(TARGET, ~held), groups, cfg, nominal)
+        windows.append(fitted_window(k, model, x, trained, widen, groups))
+        models[k] = model
+        low, _, high = predict_interval(model, data.matrix(model.feature_names_, held), widen).T
+        actual = data.column(TARGET, held)
+        coverage[k] = float(np.mean((low <= actual) & (actual <= high)))
+        log.info("window k=%d: interval widened by %.4f, held-out coverage %.3f (nominal %g)",
+                 k, widen, coverage[k], nominal)  # fmt: skip
+    return RunPredictor(windows, quantiles, models), coverage
+
+
+def input_example(predictor: RunPredictor, records: list[RunRecord], run_ids: list[str]):
+    """Request rows of the first training run the predictor answers, epochs 0..max(ks)."""
+    by_id = {run.run_id: run for run in records}
+    for run_id in run_ids:
+        run = by_id[run_id]
+        rows = [row for row in run.history if row[keys.EPOCH] <= predictor.ks[-1]]
+        example = model_input(rows, run.params, run_id)
+        try:
+            predictor.answer(example)
+            return example
+        except MlflowException:
+            continue
+    raise RunNotFoundError("the predictor answers none of its training runs: nothing to show")
 
 
 def log_predictor_run(
@@ -121,16 +205,19 @@ def log_predictor_run(
     holdout: np.ndarray,
     comparison: Comparison,
     records: list[RunRecord],
+    fitted: tuple[RunPredictor, dict[int, float]],
 ) -> dict[str, Any]:
     """The predictor's MLflow run: model first (see registry), then comparison and metrics."""
-    wanted = set_name(cfg.feature_sets)
+    wanted, (predictor, coverage) = set_name(cfg.feature_sets), fitted
     champion = version_by_alias(client, cfg.registered_model, keys.CHAMPION)  # before registering
     with mlflow.start_run(run_name=f"predictor-k{cfg.k}-{wanted}") as run:
         mlflow.log_params(predictor_params(cfg, dataset, holdout, wanted))
-        model = comparison.model
-        example = dataset.matrix(model.feature_names_, ~holdout).head(50)  # its columns only
-        spec = FeatureSpec(cfg.k, wanted, Holdout(cfg.holdout_fraction, cfg.seed))
-        version = log_and_register(model, example, cfg.registered_model, spec)
+        example = input_example(predictor, records, dataset.run_ids(~holdout))
+        split = Holdout(cfg.holdout_fraction, cfg.seed)
+        spec = FeatureSpec(cfg.k, wanted, split, tuple(predictor.ks))
+        start = time.perf_counter()
+        version = log_and_register(predictor, example, cfg.registered_model, spec)
+        registration_s = time.perf_counter() - start
         wins, scores, verdict = versus_champion(
             cfg, champion, dataset, holdout, comparison.predictions, records
         )
@@ -145,6 +232,8 @@ def log_predictor_run(
         )
         mlflow.log_metrics(
             {f"{keys.COMPARISON_PREFIX}{key}": value for key, value in scores.items()}
+            | {keys.coverage_metric(predictor.nominal): coverage[cfg.k]}
+            | {keys.coverage_metric(predictor.nominal, k): value for k, value in coverage.items()}
         )
         mlflow.log_metrics(
             {
@@ -155,12 +244,14 @@ def log_predictor_run(
             }
         )
         log_artifacts(dataset, holdout, comparison, wanted, cfg.k)
-    log.info("%s version %s is %s (%s)", cfg.registered_model, version.version, alias, verdict)
+    log.info("%s version %s is %s (%s); logging and registering it took %.1f s",
+             cfg.registered_model, version.version, alias, verdict, registration_s)  # fmt: skip
     return {
         "run_id": run.info.run_id,
         "version": version.version,
         "alias": alias,
         "verdict": verdict,
+        "registration_s": registration_s,
     }
 
 
@@ -168,6 +259,7 @@ def predictor_params(cfg: DictConfig, dataset: Dataset, holdout: np.ndarray, wan
     """What the predictor run was fitted on and how."""
     return {
         "k": cfg.k,
+        "ks": ",".join(map(str, sorted(set(cfg.ks)))),
         "feature_sets": wanted,
         "seed": cfg.seed,
         "source_experiment": cfg.source_experiment,

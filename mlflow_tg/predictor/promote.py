@@ -8,10 +8,12 @@ import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
-from mlflow_tg.predictor.dataset import Dataset, build_dataset
+from mlflow_tg import keys
+from mlflow_tg.predictor.dataset import Dataset
 from mlflow_tg.predictor.evaluate import quality
+from mlflow_tg.predictor.model import model_input
 from mlflow_tg.predictor.registry import FeatureSpec, Holdout
-from mlflow_tg.predictor.scoring import predict_frame
+from mlflow_tg.predictor.scoring import answer_each, load_run_predictor
 from mlflow_tg.tracking.runs import TARGET, RunRecord
 
 log = logging.getLogger(__name__)
@@ -21,12 +23,25 @@ MIN_COMPARED = 3  # held-out runs below which a comparison with the champion mea
 def champion_predictions(
     name: str, champion: ModelVersion, spec: FeatureSpec, records: list[RunRecord]
 ) -> dict[str, float]:
-    """The champion's predictions for ``records`` by run id, from its own features."""
-    dataset = build_dataset(records, spec.k, spec.sets)
-    if not dataset.frame.height:
-        return {}
-    predicted = predict_frame(f"models:/{name}/{champion.version}", dataset.frame)
-    return dict(zip(dataset.frame["run_id"], predicted, strict=True))
+    """The champion's predictions for ``records`` by run id, through its pyfunc interface.
+
+    Each run's history is cut after epoch ``k`` of the champion's spec, so that it answers from
+    the window its comparison is about (the largest of its windows ≤ k). A champion that cannot
+    answer runs (a bare CatBoost model of the former kind) raises a RegistryError; runs it
+    refuses (lacking what it reads) are left out of the comparison.
+    """
+    model = load_run_predictor(f"models:/{name}/{champion.version}")
+    requests = {
+        run.run_id: model_input(
+            [row for row in run.history if row[keys.EPOCH] <= spec.k], run.params, run.run_id
+        )
+        for run in records
+        if run.history is not None
+    }
+    answers, refused = answer_each(model, requests)
+    if refused:
+        log.warning("champion v%s refused %d runs: %s", champion.version, len(refused), refused)
+    return dict(zip(answers[keys.RUN_ID], answers[keys.ANSWER].astype(float), strict=True))
 
 
 def shared_holdout(
@@ -64,16 +79,14 @@ def versus_champion(
         current = Holdout(cfg.holdout_fraction, cfg.seed)
         shared, split = shared_holdout(dataset, holdout, current, spec, champion.version)
         held = [run for run in records if run.run_id in shared]
-        incumbent = (
-            champion_predictions(cfg.registered_model, champion, spec, held)
-            if len(shared) >= MIN_COMPARED
-            else {}
-        )
+        # loaded even when too few runs are shared: one that cannot answer runs is replaced
+        incumbent = champion_predictions(cfg.registered_model, champion, spec, held)
     except Exception as error:  # a version that cannot be loaded cannot serve either
         log.warning("champion v%s cannot score runs: %s", champion.version, error)
         verdict = (
             f"champion v{champion.version} cannot be used ({type(error).__name__}: {error}); a "
-            "champion that cannot be loaded cannot serve either, so the new version replaces it"
+            "champion that cannot be loaded or cannot answer runs cannot serve either, so the "
+            "new version replaces it"
         )
         return True, {}, verdict
     ids = dataset.run_ids(holdout)

@@ -1,25 +1,27 @@
 """The performance predictor in the MLflow Model Registry: versions, aliases, version spec.
 
-Each version carries as tags the window ``k`` and the feature sets it was fitted on, so any
-client (``mlflow-tg predict``, a new fit comparing itself with the champion) builds exactly the
-features that version expects, and the held-out split it was fitted without, so a new fit
-compares itself with it only on runs neither has seen. Aliases, not stages: ``champion`` is
-what ``models:/NAME@champion`` serves; a new version that does not beat it gets ``challenger``.
+Each version is a ``RunPredictor`` (``model.py``): it takes runs (history rows and params) and
+builds its own features. It carries as tags its windows ``ks``, the window ``k`` its quality and
+the champion comparison use, the feature sets it was fitted on, and the held-out split it was
+fitted without, so a new fit compares itself with it only on runs neither has seen. Aliases,
+not stages: ``champion`` is what ``models:/NAME@champion`` serves; a new version that does not
+beat it gets ``challenger``.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
 import pandas as pd
-from catboost import CatBoostRegressor
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     RESOURCE_DOES_NOT_EXIST,
@@ -32,9 +34,12 @@ from mlflow_tg.keys import (
     HOLDOUT_FRACTION_TAG,
     HOLDOUT_SEED_TAG,
     K_TAG,
+    KS_TAG,
     SETS_TAG,
 )
-from mlflow_tg.predictor.evaluate import in_holdout
+
+if TYPE_CHECKING:  # model.py and evaluate.py import CatBoost: not on mlflow-tg predict's path
+    from mlflow_tg.predictor.model import RunPredictor
 
 NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
@@ -53,6 +58,8 @@ class Holdout:
 
     def rows(self, groups: Sequence[str]) -> np.ndarray:
         """Which runs (by training configuration) this split holds out."""
+        from mlflow_tg.predictor.evaluate import in_holdout
+
         return in_holdout(groups, self.fraction, self.seed)
 
     def __str__(self) -> str:
@@ -63,13 +70,16 @@ class Holdout:
 class FeatureSpec:
     """What a registered version reads, and the held-out split it was fitted without."""
 
-    k: int  # features of epochs 0..k
+    k: int  # features of epochs 0..k: the window of its quality and champion comparison
     sets: str  # canonical "graph+curve+hparams"
     holdout: Holdout | None = None  # None: registered before versions recorded it
+    ks: tuple[int, ...] = ()  # the windows it answers from; () before versions took runs
 
     def tags(self) -> dict[str, str]:
         """The version tags that record this spec."""
         tags = {K_TAG: str(self.k), SETS_TAG: self.sets}
+        if self.ks:
+            tags[KS_TAG] = ",".join(map(str, self.ks))
         if self.holdout is not None:
             tags |= {
                 HOLDOUT_SEED_TAG: str(self.holdout.seed),
@@ -85,7 +95,8 @@ class FeatureSpec:
             holdout = None
             if HOLDOUT_SEED_TAG in tags and HOLDOUT_FRACTION_TAG in tags:
                 holdout = Holdout(float(tags[HOLDOUT_FRACTION_TAG]), int(tags[HOLDOUT_SEED_TAG]))
-            return cls(int(tags[K_TAG]), tags[SETS_TAG], holdout)
+            ks = tuple(int(k) for k in tags[KS_TAG].split(",")) if KS_TAG in tags else ()
+            return cls(int(tags[K_TAG]), tags[SETS_TAG], holdout, ks)
         except (KeyError, ValueError) as error:
             raise RegistryError(
                 f"model {version.name!r} version {version.version} has no usable feature spec "
@@ -98,24 +109,40 @@ class FeatureSpec:
 
 
 def log_and_register(
-    model: CatBoostRegressor, example: pd.DataFrame, name: str, spec: FeatureSpec
+    predictor: RunPredictor, example: pd.DataFrame, name: str, spec: FeatureSpec
 ) -> ModelVersion:
-    """Log ``model`` to the active run and register it as a new version of ``name``.
+    """Log ``predictor`` to the active run as a pyfunc model and register it as a new version.
 
-    ``example`` holds feature rows; the signature names the columns the model reads.
-
-    Numeric columns are declared float64 (an integer column would reject NaN or a float at
-    serving time); categories are strings. Call before logging many metrics: MLflow attaches
-    every metric's history of the run to the logged model.
+    ``example`` holds request rows (``model_input``) of one run: the model page's input
+    example, scored once by MLflow as a check that it serves. The CatBoost models go as
+    artifacts, the ``mlflow_tg`` package as code (the model's own copy of ``run_features``).
+    Requirements are given, not inferred: inferring them loads the model in a subprocess.
+    Call before logging many metrics: MLflow attaches every metric's history of the run to the
+    logged model.
     """
-    example = example[model.feature_names_]  # the columns it kept, in its order
-    predictions = model.predict(example)
-    info = mlflow.catboost.log_model(
-        model,
-        name="model",
-        signature=infer_signature(example, predictions),
-        input_example=example.head(1),
-    )
+    import catboost
+    import polars
+
+    import mlflow_tg
+
+    signature = predictor.signature()
+    declared = [column for column in signature.inputs.input_names() if column in example]
+    with tempfile.TemporaryDirectory() as folder:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=predictor,
+            artifacts=predictor.save_models(Path(folder)),
+            code_paths=[str(Path(mlflow_tg.__file__).parent)],
+            signature=signature,
+            input_example=example[declared],
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"catboost=={catboost.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+                f"polars=={polars.__version__}",
+            ],
+        )
     version = mlflow.register_model(info.model_uri, name, tags=spec.tags())
     return MlflowClient().get_model_version(name, version.version)
 

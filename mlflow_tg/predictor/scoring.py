@@ -1,64 +1,83 @@
-"""A registered predictor's answer for feature rows, loaded in this process."""
+"""A registered predictor's answers for runs, loaded in this process.
+
+The same pyfunc interface as ``mlflow models serve``: request rows per run and epoch
+(``model.model_input``), one answer row per run. A registered version of the former kind (a bare
+CatBoost model reading feature columns) cannot answer runs: ``require_run_predictor`` says so.
+"""
 
 from __future__ import annotations
 
-import math
-import sys
-from collections.abc import Collection, Mapping
+import logging
+from collections.abc import Mapping
 
 import mlflow
-import numpy as np
-import polars as pl
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 from mlflow.pyfunc import PyFuncModel
 
-from mlflow_tg.predictor.features import MISSING_CATEGORY, design_matrix, missing_value
+from mlflow_tg import keys
+from mlflow_tg.predictor.registry import RegistryError
 
-WARN_NAMES = 5  # columns named in a warning about missing ones
-
-
-def warn_missing(columns: list[str], available: Collection[str], what: str) -> None:
-    """Tell stderr how many (and which first few) of a model's columns ``what`` lacks."""
-    missing = [column for column in columns if column not in available]
-    if missing:
-        named = ", ".join(missing[:WARN_NAMES]) + (", …" if len(missing) > WARN_NAMES else "")
-        print(
-            f"warning: {what} lacks {len(missing)} of the model's {len(columns)} feature "
-            f"columns ({named}); they count as not logged (NaN, or '{MISSING_CATEGORY}' for a "
-            "category), as for such a run in the fitting table.",
-            file=sys.stderr,
-        )
+log = logging.getLogger(__name__)
+REFUSED = ErrorCode.Name(INVALID_PARAMETER_VALUE)
 
 
-def model_row(features: Mapping[str, float | str], columns: list[str]) -> dict[str, float | str]:
-    """The row a model reads, its columns in order: the endpoint's request and in-process input.
+def input_columns(model: PyFuncModel) -> list[str]:
+    """The request columns a logged model's signature names."""
+    signature = model.metadata.signature
+    return signature.inputs.input_names() if signature is not None else []
 
-    At fit time a run without some column has it missing (the table holds the union of the
-    runs' columns); a served run without it gets the same missing value, not an error.
+
+def require_run_predictor(model: PyFuncModel, what: str) -> None:
+    """RegistryError unless ``model`` answers runs (request columns ``run_id`` and ``epoch``)."""
+    columns = input_columns(model)
+    if {keys.RUN_ID, keys.EPOCH} <= set(columns):
+        return
+    flavors = ", ".join(sorted(model.metadata.flavors)) or "none"
+    raise RegistryError(
+        f"{what} is a column-based model (flavors: {flavors}; it reads {len(columns)} feature "
+        f"columns such as {columns[:3]}), not one that answers runs from their history and "
+        f"params ({keys.RUN_ID!r}, {keys.EPOCH!r}, metrics, params): it cannot score runs. Fit a "
+        "new version: python -m mlflow_tg.predictor"
+    )
+
+
+def load_run_predictor(model_uri: str) -> PyFuncModel:
+    """A registered version, loaded here; RegistryError if it cannot be loaded or answer runs."""
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as error:  # a version whose files are gone, or that MLflow cannot read
+        raise RegistryError(
+            f"could not load {model_uri}: {type(error).__name__}: {error}"
+        ) from error
+    require_run_predictor(model, model_uri)
+    return model
+
+
+def answer_each(
+    model: PyFuncModel, requests: Mapping[str, pd.DataFrame]
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Answers for the runs of ``requests`` (run id → its rows), and why any was refused.
+
+    All in one call; when the model refuses one, each run is asked alone, so that one run the
+    model cannot answer does not cost the others theirs.
     """
-    warn_missing(columns, features, "the run")
-    return {column: features.get(column, missing_value(column)) for column in columns}
-
-
-def model_columns(model: str | PyFuncModel) -> list[str]:
-    """The feature columns a logged model's signature names, in its order."""
-    metadata = mlflow.models.get_model_info(model) if isinstance(model, str) else model.metadata
-    return metadata.signature.inputs.input_names()
-
-
-def predict_frame(model: str | PyFuncModel, frame: pl.DataFrame) -> np.ndarray:
-    """A logged model's predictions (by URI, or loaded) for feature rows, schema checked.
-
-    A column of the model that the frame lacks is missing in every row, as in ``model_row``.
-    """
-    loaded = mlflow.pyfunc.load_model(model) if isinstance(model, str) else model
-    columns = model_columns(loaded)
-    warn_missing(columns, frame.columns, "the feature table")
-    return np.ravel(loaded.predict(design_matrix(frame, columns))).astype(float)
-
-
-def predict_in_process(model_uri: str, features: Mapping[str, float | str]) -> float:
-    """The prediction of a registered model loaded here, from the row an endpoint would get."""
-    model = mlflow.pyfunc.load_model(model_uri)
-    row = model_row(features, model_columns(model))
-    prediction = float(predict_frame(model, pl.DataFrame([row]))[0])
-    return prediction if math.isfinite(prediction) else math.nan
+    if not requests:
+        return pd.DataFrame(columns=[keys.RUN_ID, keys.ANSWER]), {}
+    try:
+        return model.predict(pd.concat(requests.values(), ignore_index=True)), {}
+    except MlflowException as error:
+        if error.error_code != REFUSED:
+            raise
+    answers, refused = [], {}
+    for run_id, frame in requests.items():
+        try:
+            answers.append(model.predict(frame))
+        except MlflowException as error:
+            if error.error_code != REFUSED:
+                raise
+            refused[run_id] = error.message
+    log.warning("the model refused %d of %d runs", len(refused), len(requests))
+    frame = pd.concat(answers, ignore_index=True) if answers else pd.DataFrame()
+    return frame, refused

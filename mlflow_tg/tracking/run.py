@@ -1,17 +1,23 @@
 """One MLflow run per training job: naming, params, tags, per-epoch metrics and the run's fate.
 
 A run always ends in a final state: FINISHED, FAILED (the error kept in the ``mlflow_tg.error``
-tag) or KILLED on Ctrl-C. Each epoch's metrics go out in one batch call, and the whole history
+tag) or KILLED on Ctrl-C or SIGTERM (``timeout``, ``docker stop``, a scheduler; the process then
+exits 143). Each epoch's metrics go out in one batch call, and the whole history
 so far is rewritten as ``history.parquet``, so a reader needs one download per run, not one
 request per metric key.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import os
+import re
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,16 +26,35 @@ from typing import Any
 
 import mlflow
 import polars as pl
+import requests
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from omegaconf import DictConfig
 
 from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
+from mlflow_tg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 MAX_TAG_LENGTH = 5000
+ALREADY_EXISTS = ErrorCode.Name(RESOURCE_ALREADY_EXISTS)
+SERVER_PROBE_S = 10.0  # how long a tracking server that does not answer /health is waited for
+
+
+class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` stops it
+    """The job got SIGTERM: its run ends KILLED and the process exits ``128 + signum``."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by this signal (143 for SIGTERM)."""
+        return 128 + self.signum
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -38,8 +63,24 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def use_tracking(tracking: DictConfig) -> str:
-    """Point MLflow at the configured store and experiment; return the experiment id."""
-    mlflow.set_tracking_uri(tracking.uri)
+    """Point MLflow at the configured store and experiment; return the experiment id.
+
+    A tracking server must answer first (ConfigError naming it otherwise, within about
+    ``SERVER_PROBE_S`` seconds, not MLflow's minutes of retries). A SQLite store is created,
+    and the experiment found or created, under an exclusive lock on ``<db>.lock``: jobs started
+    at once on a store that does not exist yet would race in MLflow's table creation and leave
+    the file half-built.
+    """
+    uri = str(tracking.uri)
+    if uri.startswith(("http://", "https://")):
+        check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    with sqlite_lock(uri):
+        return use_experiment(tracking)
+
+
+def use_experiment(tracking: DictConfig) -> str:
+    """Find or create the experiment and make it the active one; its id."""
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
@@ -47,13 +88,90 @@ def use_tracking(tracking: DictConfig) -> str:
     location = None
     if tracking.get("artifact_root") and not str(tracking.uri).startswith("http"):
         location = Path(tracking.artifact_root).expanduser().resolve().as_uri()
-    experiment_id = mlflow.create_experiment(
-        tracking.experiment,
-        artifact_location=location,
-        tags={keys.EXPERIMENT_KIND: keys.EXPERIMENT_KIND_TRAINING},
-    )
+    try:
+        experiment_id = mlflow.create_experiment(
+            tracking.experiment,
+            artifact_location=location,
+            tags={keys.EXPERIMENT_KIND: keys.EXPERIMENT_KIND_TRAINING},
+        )
+    except MlflowException as error:  # another job (on a tracking server) created it first
+        if error.error_code != ALREADY_EXISTS:
+            raise
+        experiment_id = mlflow.get_experiment_by_name(tracking.experiment).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative or absolute); None otherwise."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def sqlite_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<db>.lock`` for a SQLite store, and create the store in it.
+
+    Processes on one machine (or one local file system) queue here; MLflow creates and
+    migrates the tables when it first opens a store, which the first job does alone.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates the tables
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` without the password it may carry."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)
+
+
+def check_tracking_server(uri: str, timeout_s: float = SERVER_PROBE_S) -> None:
+    """ConfigError unless the tracking server at ``uri`` answers ``/health`` within ``timeout_s``.
+
+    Any HTTP answer below 500 counts (a server behind authentication answers 401). TLS follows
+    MLflow's own settings (``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``).
+    """
+    verify: bool | str = True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    health = f"{uri.rstrip('/')}/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            answer = requests.get(health, timeout=max(0.5, min(3.0, left)), verify=verify)
+            if answer.status_code < 500:
+                return
+            why = f"{health} answers HTTP {answer.status_code}"
+        except requests.RequestException as error:
+            why = f"{type(error).__name__} on {health}"
+        if time.monotonic() + 1 > deadline:
+            break
+        time.sleep(1)
+    raise ConfigError(
+        f"tracking.uri={shown_uri(uri)!r}: no MLflow tracking server answers there ({why}, "
+        f"{timeout_s:.0f} s). Start it (make server-start: PostgreSQL and mlflow server on "
+        "http://127.0.0.1:5000, the address of tracking=server), point tracking.uri at a "
+        "running one, or train on the embedded store: tracking=local."
+    )
+
+
+def run_params(cfg: DictConfig) -> dict[str, str]:
+    """The run's params: its resolved config flattened to dotted keys, values as text."""
+    return {key: str(value) for key, value in flatten(cfg).items()}
 
 
 def description(cfg: DictConfig) -> str:
@@ -138,9 +256,53 @@ class RunLogger:
         mlflow.MlflowClient().set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH])
 
 
+class SigtermGuard:
+    """While installed, SIGTERM raises Terminated in the main thread, once.
+
+    A second SIGTERM while the run is being ended is noted, not raised, so that the run still
+    reaches its final state; ``disarm`` before ending the run, ``pending`` says whether one came.
+    """
+
+    def __init__(self) -> None:
+        self.armed, self.pending, self.previous = True, False, None
+
+    def __enter__(self) -> SigtermGuard:
+        try:  # only the main thread may install handlers; elsewhere SIGTERM stays as it was
+            self.previous = signal.signal(signal.SIGTERM, self.handle)
+        except ValueError:
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def handle(self, signum: int, frame: object) -> None:
+        """Raise Terminated unless the run is already ending."""
+        first = not self.pending
+        self.pending = True
+        if self.armed and first:
+            raise Terminated(signum)
+        log.warning("SIGTERM again: the run is being ended first")
+
+    def disarm(self) -> None:
+        """From now on a SIGTERM is only noted."""
+        self.armed = False
+
+
+def end_run(guard: SigtermGuard, status: RunStatus) -> None:
+    """End the active run with ``status``; a SIGTERM meanwhile does not interrupt it."""
+    guard.disarm()
+    mlflow.end_run(RunStatus.to_string(status))
+
+
 @contextmanager
 def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
-    """Start the run, log params and tags, and always end it in a final state."""
+    """Start the run, log params and tags, and always end it in a final state.
+
+    KILLED on Ctrl-C (KeyboardInterrupt) and on SIGTERM (Terminated, raised by the handler
+    this installs for the run's duration; the tag ``mlflow_tg.killed_by`` names the signal).
+    """
     use_tracking(cfg.tracking)
     tags, hydra_dir = hydra_tags()
     tags |= {
@@ -148,21 +310,37 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
         keys.GIT_COMMIT: git_commit(),
         keys.CONFIG_ID: config_id(cfg),
     }
-    run = mlflow.start_run(run_name=run_name(cfg), tags=tags)
-    logger = RunLogger(run.info.run_id)
-    try:
-        logger.describe(description(cfg))
-        mlflow.log_params({key: str(value) for key, value in flatten(cfg).items()})
-        if hydra_dir is not None:
-            mlflow.log_artifacts(str(hydra_dir), keys.HYDRA_DIR)
-        yield logger
-    except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException as error:
+    if cfg.get("prune") is not None and cfg.prune.get("sweep"):
+        tags[keys.SWEEP] = str(cfg.prune.sweep)  # jobs launched apart, pruned as one sweep
+    with SigtermGuard() as guard:
         try:
-            logger.set_tag(keys.ERROR, f"{type(error).__name__}: {error}")
-        finally:  # the run ends FAILED even when the store refuses the tag
-            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+            run = mlflow.start_run(run_name=run_name(cfg), tags=tags)
+        except Terminated:  # the run may exist already: it must not stay RUNNING
+            if mlflow.active_run() is not None:
+                end_run(guard, RunStatus.KILLED)
+            raise
+        logger = RunLogger(run.info.run_id)
+        try:
+            logger.describe(description(cfg))
+            mlflow.log_params(run_params(cfg))
+            if hydra_dir is not None:
+                mlflow.log_artifacts(str(hydra_dir), keys.HYDRA_DIR)
+            yield logger
+        except (KeyboardInterrupt, Terminated) as stop:
+            guard.disarm()
+            try:
+                name = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+                logger.set_tag(keys.KILLED_BY, name)
+            finally:  # the run ends KILLED even when the store refuses the tag
+                end_run(guard, RunStatus.KILLED)
+            raise
+        except BaseException as error:
+            guard.disarm()
+            try:
+                logger.set_tag(keys.ERROR, f"{type(error).__name__}: {error}")
+            finally:  # the run ends FAILED even when the store refuses the tag
+                end_run(guard, RunStatus.FAILED)
+            raise
+        end_run(guard, RunStatus.FINISHED)
+        if guard.pending:  # SIGTERM came while the run was ending: the process stops now
+            raise Terminated()

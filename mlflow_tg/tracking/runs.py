@@ -33,6 +33,10 @@ class RunNotFoundError(LookupError):
     """An experiment or run that is not in the tracking store, or a run without history."""
 
 
+class CorruptHistoryError(RunNotFoundError):
+    """A run whose ``history.parquet`` is there but cannot be read (a damaged file)."""
+
+
 @dataclass
 class RunRecord:
     """What the predictor needs of one training run."""
@@ -43,6 +47,7 @@ class RunRecord:
     metrics: dict[str, float]  # latest value of each metric
     # one row per epoch, with "epoch"; None: no history artifact, or not read (no final TARGET)
     history: list[dict[str, float]] | None
+    history_error: str | None = None  # why history.parquet could not be read (left out)
 
     @property
     def group(self) -> str:
@@ -66,7 +71,17 @@ def read_history(client: MlflowClient, run_id: str) -> list[dict[str, float]] | 
             if error.error_code != NOT_FOUND or has_artifact(client, run_id, keys.HISTORY):
                 raise
             return None
-        return pl.read_parquet(Path(path)).sort("epoch").to_dicts()
+        try:
+            return pl.read_parquet(Path(path)).sort("epoch").to_dicts()
+        except (pl.exceptions.PolarsError, OSError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CorruptHistoryError(
+                f"run {run_id}: its artifact {keys.HISTORY} cannot be read ({reason}). "
+                "train.py rewrites it every epoch, so the copy in the store is damaged (an "
+                "upload cut short, a full disk) and the run's history is lost to the predictor; "
+                f"inspect it with: mlflow artifacts download --run-id {run_id} "
+                f"--artifact-path {keys.HISTORY}"
+            ) from error
 
 
 def record(client: MlflowClient, run: Run, with_history: bool = True) -> RunRecord:
@@ -128,12 +143,32 @@ def load_runs(client: MlflowClient, experiment: str, threads: int = 8) -> list[R
     """Every finished run of ``experiment``, with the history of each that has a final TARGET.
 
     A run without it is no training example, so its history is not downloaded; a run without
-    a history artifact is kept (history None) for the caller to count, and logged.
+    a history artifact, or with one that cannot be read (``history_error`` says why), is kept
+    (history None) for the caller to count, and logged.
     """
     runs = finished_runs(client, experiment)
+
+    def read(run: Run) -> RunRecord:
+        try:
+            return record(client, run, TARGET in run.data.metrics)
+        except CorruptHistoryError as error:  # one damaged file leaves one run out, not all
+            found = record(client, run, with_history=False)
+            found.history_error = str(error)
+            return found
+
     with ThreadPoolExecutor(threads) as pool:
-        records = list(pool.map(lambda run: record(client, run, TARGET in run.data.metrics), runs))
-    lacking = [r.run_id for r in records if r.history is None and TARGET in r.metrics]
+        records = list(pool.map(read, runs))
+    damaged = [r for r in records if r.history_error]
+    for found in damaged[:WARN_RUNS]:
+        log.warning("left out: %s", found.history_error)
+    if len(damaged) > WARN_RUNS:
+        log.warning("%d more runs left out: their %s cannot be read", len(damaged) - WARN_RUNS,
+                    keys.HISTORY)  # fmt: skip
+    lacking = [
+        r.run_id
+        for r in records
+        if r.history is None and TARGET in r.metrics and not r.history_error
+    ]
     if lacking:
         named = ", ".join(lacking[:WARN_RUNS]) + (" …" if len(lacking) > WARN_RUNS else "")
         log.warning(

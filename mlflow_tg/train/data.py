@@ -8,6 +8,7 @@ fly, which keeps CIFAR-10 at 150 MB instead of 600 MB and costs little per batch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from omegaconf import DictConfig
 
-from mlflow_tg.errors import InputError
+from mlflow_tg.errors import ConfigError, InputError
 
 MNIST_FILES = [
     "train-images-idx3-ubyte",
@@ -37,6 +38,15 @@ EXPECTED_FILES = {
     "svhn": ["train_32x32.mat", "test_32x32.mat"],
 }
 FLIP_SAFE = {"cifar10"}
+# Data sets whose files torchvision reads with pickle.load: a pickle can run any code while it
+# loads, so their MD5 check (data.verify_checksums) is also what keeps foreign files out.
+PICKLED = {"cifar10"}
+PICKLE_RISK = (
+    "torchvision then unpickles them without any check, and loading a pickle can run any code "
+    "it contains: use it only for files you made or trust"
+)
+
+log = logging.getLogger(__name__)
 DATASETS = ["digits", *EXPECTED_FILES]
 
 
@@ -88,6 +98,7 @@ def load_data(cfg: DictConfig) -> ImageData:
         raise ValueError(f"unknown data set {cfg.name!r}; choose one of {DATASETS}")
     train, test = read_torchvision(cfg)
     train, val = split_off(train, cfg.val_fraction, cfg.split_seed)
+    require_images(cfg, train=train, val=val, test=test)
     mean, std = channel_stats(train.images)
     return ImageData(
         name=cfg.name,
@@ -112,6 +123,7 @@ def load_digits(cfg: DictConfig) -> ImageData:
     everything = ImageSplit(torch.from_numpy(images), torch.from_numpy(digits.target).long())
     rest, test = split_off(everything, cfg.test_fraction, cfg.split_seed)
     train, val = split_off(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.split_seed)
+    require_images(cfg, train=train, val=val, test=test)
     mean, std = channel_stats(train.images)
     return ImageData("digits", train, val, test, 10, cfg.image_size, mean, std, cfg.augment)
 
@@ -127,6 +139,19 @@ def split_off(split: ImageSplit, fraction: float, seed: int) -> tuple[ImageSplit
     )
 
 
+def require_images(cfg: DictConfig, **splits: ImageSplit) -> None:
+    """Refuse split fractions that leave a split without images (it could not be scored)."""
+    empty = [name for name, split in splits.items() if len(split) == 0]
+    if empty:
+        keys = [key for key in ("val_fraction", "test_fraction") if key in cfg]
+        given = " with ".join(f"data.{key}={cfg[key]!r}" for key in keys)
+        total = sum(len(split) for split in splits.values())
+        raise ConfigError(
+            f"{given} is not allowed for {cfg.name}: it leaves the {empty[0]} split without "
+            f"images (of {total}); every split needs at least one."
+        )
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images, on the [0, 1] scale."""
     pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
@@ -138,12 +163,21 @@ def read_torchvision(cfg: DictConfig) -> tuple[ImageSplit, ImageSplit]:
     root = Path(cfg.root).expanduser()
     if not cfg.download:
         require_files(cfg.name, root)
+    if not cfg.verify_checksums and cfg.name in PICKLED:
+        log.warning(
+            "data.verify_checksums=false: the %s files under %s are not checked against their "
+            "official MD5 sums; %s.",
+            cfg.name,
+            root,
+            PICKLE_RISK.replace("them", "the files", 1),
+        )
     try:
         return tuple(read_split(cfg, root, train) for train in (True, False))
     except RuntimeError as error:  # torchvision's "not found or corrupted" (bad checksum)
+        risk = f" ({PICKLE_RISK})" if cfg.name in PICKLED else ""
         raise DataNotFoundError(
             f"torchvision could not read {cfg.name} from {root}: {error} If the files are "
-            "yours and not the official ones, set data.verify_checksums=false."
+            f"yours and not the official ones, set data.verify_checksums=false{risk}."
         ) from error
     except OSError as error:  # a failed download
         raise DataNotFoundError(

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mlflow_tg import keys
+from mlflow_tg.config import LrSchedule, build_from_config
 from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.train.data import ImageData, ImageSplit, batches
 from mlflow_tg.train.hooks import Epoch, EpochHook
@@ -33,25 +34,13 @@ class EpochResult:
 
 
 def make_optimizer(cfg: DictConfig, parameters: Any) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam or AdamW from the ``optimizer`` config group."""
-    opt = cfg.optimizer
-    if opt.name == "sgd":
-        return torch.optim.SGD(
-            parameters,
-            lr=opt.lr,
-            momentum=opt.momentum,
-            nesterov=opt.nesterov,
-            weight_decay=opt.weight_decay,
-        )
-    if opt.name in ("adam", "adamw"):
-        cls = torch.optim.Adam if opt.name == "adam" else torch.optim.AdamW
-        return cls(parameters, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-    raise ValueError(f"unknown optimizer {opt.name!r}; choose sgd, adam or adamw")
+    """The ``optimizer`` group's ``torch.optim`` class (its ``_target_``) on ``parameters``."""
+    return build_from_config(cfg.optimizer)(parameters)
 
 
 def make_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> Any:
     """Cosine annealing over the run's epochs, or None for a constant learning rate."""
-    if cfg.lr_schedule == "cosine":
+    if cfg.lr_schedule == LrSchedule.cosine:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     return None
 

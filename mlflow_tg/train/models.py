@@ -2,7 +2,9 @@
 
 Every builder takes the data's shape (channels, image size, classes) and a ``width`` knob, so the
 same config trains on 8×8 digits resized to 32 or on CIFAR-10, and a sweep over ``width`` scales
-the whole network.
+the whole network. Each ``conf/model/*.yaml`` names its builder as ``_target_``. A builder refuses
+an image size its pooling would shrink to nothing (ValueError); the config check builds the model
+on the meta device to find that out before any data is loaded.
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ def resnet(
     return ResNet(width, in_channels, num_classes, tuple(blocks_per_stage))
 
 
+# Training builds its network from the model config's ``_target_`` (one of the builders above;
+# ``mlflow_tg.config.build_from_config``). Scripts and tests that want a network by name use these.
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "lenet": lenet,
@@ -185,7 +189,11 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 def build_model(
     name: str, width: int, in_channels: int, image_size: int, num_classes: int, **options
 ) -> nn.Module:
-    """Build the named network for data of the given shape."""
+    """Build the named network for data of the given shape.
+
+    ``options`` are the model config's other keys; Hydra's own (``_target_``) are ignored.
+    """
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(BUILDERS)}")
+    options = {key: value for key, value in options.items() if not key.startswith("_")}
     return BUILDERS[name](width, in_channels, image_size, num_classes, **options)

@@ -1,0 +1,262 @@
+"""Replay a sweep through pruning policies: compute spent against the best run found.
+
+    python bench/pruning.py [--tracking-uri sqlite:///mlflow.db] [--experiment offgrid]
+
+Takes the finished runs of a population the predictor was not fitted on (default: the
+``offgrid`` sweep, ``make offgrid``), and replays them as a sequential sweep in several random
+job orders. Each policy sees, after every epoch of a job, what a live job would see: its own
+``val_acc`` so far, the registered champion's prediction from its epochs so far (the same model
+input as live prediction), and the jobs before it. Policies:
+
+- ours (``mlflow_tg.prune.policies.PredictedPolicy``) at several quantiles;
+- the median rule (``MedianPolicy``), as ``prune=median`` runs it;
+- Optuna's MedianPruner, PercentilePruner, SuccessiveHalvingPruner and HyperbandPruner, the
+  real classes, fed ``val_acc`` through ``trial.report`` / ``trial.should_prune``;
+- keeping the top K jobs by ``val_acc`` after one epoch (Egele et al. 2023), and no pruning.
+
+For each it prints the share of epochs trained, the regret (best final test accuracy among the
+jobs that trained their whole budget minus the best of the population, in points; 0 is best)
+and the recall of the population's top 10%, averaged over the orders, and draws
+``bench/figures/pruning.png`` (compute against regret).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow_tg.predictor.model import model_input
+
+from mlflow_tg import keys
+from mlflow_tg.prune.policies import MedianPolicy, Policy, PredictedPolicy, RunView
+from mlflow_tg.tracking.runs import load_runs
+
+FIGURE = Path(__file__).parent / "figures" / "pruning.png"
+ORDERS = 10
+
+
+@dataclass
+class Job:
+    """One replayed run: its validation curve, final accuracy and predictions by epoch."""
+
+    run_id: str
+    val_acc: dict[int, float]
+    final: float
+    budget: int
+    predicted: dict[int, tuple[float, float]]  # epoch → (prediction, upper end of its interval)
+
+
+@dataclass
+class Outcome:
+    """What a policy spent and found on one job order."""
+
+    epochs: int
+    budget: int
+    best_found: float
+    top_recall: float
+
+
+def load_jobs(client: MlflowClient, experiment: str, model_uri: str) -> list[Job]:
+    """Every completed, unpruned run of the experiment, with the champion's predictions."""
+    records = [
+        r
+        for r in load_runs(client, experiment)
+        if r.history and keys.TARGET in r.metrics and r.tags.get(keys.PRUNED) != "true"
+    ]
+    model = mlflow.pyfunc.load_model(model_uri)
+    jobs = []
+    for record in records:
+        history = sorted(record.history, key=lambda row: row["epoch"])
+        budget = int(history[-1]["epoch"])
+        if budget < int(float(record.params.get("epochs", budget))):
+            continue  # diverged before its budget: its final accuracy is known, nothing to prune
+        jobs.append(
+            Job(
+                record.run_id,
+                {int(row["epoch"]): row[keys.VAL_ACC] for row in history if keys.VAL_ACC in row},
+                record.metrics[keys.TARGET],
+                budget,
+                predictions(model, history, record.params, record.run_id),
+            )
+        )
+    return jobs
+
+
+def predictions(model, history, params, run_id) -> dict[int, tuple[float, float]]:
+    """The champion's answer from epochs 0..e, for every epoch e it can answer from."""
+    frames, epochs = [], []
+    for epoch in range(1, int(history[-1]["epoch"]) + 1):
+        prefix = [row for row in history if row["epoch"] <= epoch]
+        frames.append(model_input(prefix, params, f"{run_id}@{epoch}"))
+        epochs.append(epoch)
+    try:
+        answer = model.predict(pd.concat(frames, ignore_index=True))
+    except Exception:  # some prefixes are shorter than the smallest window: score one by one
+        return predictions_one_by_one(model, frames, epochs)
+    return {
+        epoch: (row["predicted_test_acc"], row["predicted_test_acc_high"])
+        for epoch, (_, row) in zip(epochs, answer.iterrows(), strict=True)
+    }
+
+
+def predictions_one_by_one(model, frames, epochs) -> dict[int, tuple[float, float]]:
+    """Scores each prefix alone, skipping those the model has too few epochs for."""
+    found = {}
+    for epoch, frame in zip(epochs, frames, strict=True):
+        try:
+            row = model.predict(frame).iloc[0]
+        except Exception:
+            continue
+        found[epoch] = (row["predicted_test_acc"], row["predicted_test_acc_high"])
+    return found
+
+
+def view(job: Job, epoch: int, completed: bool) -> RunView:
+    """What a policy knows of a job after ``epoch``."""
+    point, high = job.predicted.get(min(epoch, max(job.predicted, default=0)), (None, None))
+    return RunView(
+        val_acc={e: v for e, v in job.val_acc.items() if e <= epoch},
+        predicted=point,
+        predicted_high=high,
+        final=job.final if completed else None,
+    )
+
+
+def replay_policy(policy: Policy, order: list[Job]) -> list[int]:
+    """Epochs each job trains under a mlflow_tg policy, jobs run one after another."""
+    mates, trained = [], []
+    for job in order:
+        stop = job.budget
+        for epoch in range(1, job.budget):
+            if policy.decide(epoch, view(job, epoch, False), mates):
+                stop = epoch
+                break
+        trained.append(stop)
+        mates.append(view(job, stop, completed=stop == job.budget))
+    return trained
+
+
+def replay_optuna(make_pruner: Callable[[], optuna.pruners.BasePruner], order: list[Job]):
+    """Epochs each job trains under an Optuna pruner fed the replayed val_acc curves."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner())
+    trained = []
+    for job in order:
+        trial, stop = study.ask(), job.budget
+        for epoch in range(1, job.budget + 1):
+            trial.report(job.val_acc.get(epoch, 0.0), epoch)
+            if epoch < job.budget and trial.should_prune():
+                stop = epoch
+                break
+        state = optuna.trial.TrialState.PRUNED if stop < job.budget else None
+        study.tell(trial, None if state else job.val_acc[job.budget], state=state)
+        trained.append(stop)
+    return trained
+
+
+def replay_top_k(fraction: float, order: list[Job]) -> list[int]:
+    """Every job trains one epoch; the best ``fraction`` by val_acc@1 train on."""
+    keep = max(1, round(fraction * len(order)))
+    ranked = sorted(order, key=lambda job: -job.val_acc.get(1, 0.0))[:keep]
+    kept = {job.run_id for job in ranked}
+    return [job.budget if job.run_id in kept else 1 for job in order]
+
+
+def outcome(order: list[Job], trained: list[int]) -> Outcome:
+    """Compute spent, best completed job and top-10% recall of one replay."""
+    completed = [job for job, epochs in zip(order, trained, strict=True) if epochs == job.budget]
+    top = sorted(order, key=lambda job: -job.final)[: math.ceil(0.1 * len(order))]
+    done = {job.run_id for job in completed}
+    return Outcome(
+        epochs=sum(trained),
+        budget=sum(job.budget for job in order),
+        best_found=max((job.final for job in completed), default=0.0),
+        top_recall=sum(job.run_id in done for job in top) / len(top),
+    )
+
+
+def policies() -> dict[str, Callable[[list[Job]], list[int]]]:
+    """Every policy of the comparison, by name."""
+    found: dict[str, Callable[[list[Job]], list[int]]] = {
+        "no pruning": lambda o: [j.budget for j in o]
+    }
+    for quantile in (0.5, 0.75, 0.9):
+        for warmup in (5, 10):
+            policy = PredictedPolicy(quantile=quantile, warmup=warmup)
+            found[f"ours q={quantile} warmup={warmup}"] = lambda o, p=policy: replay_policy(p, o)
+    found["median rule (prune=median)"] = lambda o: replay_policy(MedianPolicy(warmup=5), o)
+    pruners = {
+        "optuna MedianPruner": lambda: optuna.pruners.MedianPruner(n_startup_trials=5),
+        "optuna PercentilePruner 25": lambda: optuna.pruners.PercentilePruner(
+            25.0, n_startup_trials=5
+        ),
+        "optuna PercentilePruner 75": lambda: optuna.pruners.PercentilePruner(
+            75.0, n_startup_trials=5
+        ),
+        "optuna SuccessiveHalvingPruner": optuna.pruners.SuccessiveHalvingPruner,
+        "optuna HyperbandPruner": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
+    }
+    for name, make in pruners.items():
+        found[name] = lambda o, m=make: replay_optuna(m, o)
+    for fraction in (0.05, 0.1, 0.2):
+        found[f"top {fraction:.0%} after 1 epoch"] = lambda o, f=fraction: replay_top_k(f, o)
+    return found
+
+
+def main() -> None:
+    """Replay, print the table, draw the figure."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--experiment", default="offgrid")
+    parser.add_argument("--model", default=f"models:/{keys.REGISTERED_MODEL}@{keys.CHAMPION}")
+    parser.add_argument("--orders", type=int, default=ORDERS)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    mlflow.set_tracking_uri(args.tracking_uri)
+    jobs = load_jobs(MlflowClient(), args.experiment, args.model)
+    best = max(job.final for job in jobs)
+    rng = np.random.default_rng(0)
+    orders = [list(rng.permutation(np.array(jobs, dtype=object))) for _ in range(args.orders)]
+    print(f"{len(jobs)} runs of {args.experiment!r}, {args.orders} random job orders, "
+          f"best final test accuracy {best:.4f}")  # fmt: skip
+    print(f"{'policy':36s} {'epochs':>7s} {'regret (points)':>16s} {'top-10% recall':>15s}")
+    rows = []
+    for name, replay in policies().items():
+        results = [outcome(order, replay(order)) for order in orders]
+        share = np.mean([r.epochs / r.budget for r in results])
+        regret = np.mean([100 * (r.best_found - best) for r in results])
+        recall = np.mean([r.top_recall for r in results])
+        rows.append((name, share, regret, recall))
+        print(f"{name:36s} {share:7.1%} {regret:16.2f} {recall:15.2f}")
+    draw(rows)
+
+
+def draw(rows: list[tuple[str, float, float, float]]) -> None:
+    """Compute against regret, one point per policy."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, share, regret, _ in rows:
+        marker = "o" if name.startswith("ours") else ("s" if "optuna" in name else "^")
+        axis.scatter(100 * share, regret, marker=marker, label=name)
+    axis.set_xlabel("epochs trained (% of the sweep's budget)")
+    axis.set_ylabel("regret: best found - best in population (points)")
+    axis.legend(fontsize="x-small", loc="lower right")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    FIGURE.parent.mkdir(exist_ok=True)
+    figure.savefig(FIGURE, dpi=120)
+    print(f"figure: {FIGURE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Live prediction inside a training job: the registered predictor asked after each epoch.
+
+From the smallest window the registered version knows (its ``ks``) on, the run's own history
+in memory (the same rows ``history.parquet`` holds) goes through the same model input as
+``mlflow-tg predict`` builds from the store, to the champion loaded in this process or to a
+served endpoint. The prediction, its 80% interval and the out-of-distribution flag are added to
+the epoch's metrics (``predicted/*``, step = epoch), where a pruning policy can read them.
+Without a registry, a champion, or a reachable endpoint, the job warns once and trains on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow
+import pandas as pd
+from omegaconf import DictConfig
+
+from mlflow_tg import keys
+from mlflow_tg.predictor.model import model_input
+from mlflow_tg.tracking.run import RunLogger
+from mlflow_tg.train.hooks import Epoch
+
+log = logging.getLogger(__name__)
+
+
+class LivePrediction:
+    """Asks the registered predictor about the running job after each epoch from k on."""
+
+    def __init__(self, cfg: DictConfig, params: dict[str, str]) -> None:
+        self.cfg = cfg
+        self.params = params
+        self.model: Any = None
+        self.first_epoch: int | None = None  # None until the model is found; then min(ks)
+        self.disabled = False
+
+    def on_epoch(self, epoch: Epoch, run: RunLogger) -> None:
+        """Predict from epochs 0..now and add the answer to the epoch's metrics."""
+        if self.disabled or (epoch.number == 0 and not self.load()):
+            return
+        if epoch.number < self.first_epoch:
+            return
+        rows = [*epoch.history, {"epoch": epoch.number, **epoch.metrics}]
+        try:
+            answer = self.ask(model_input(rows, self.params, run.run_id)).iloc[0]
+        except Exception as error:  # a prediction is advice: training goes on without it
+            self.give_up(f"the predictor could not score this run ({error})")
+            return
+        epoch.metrics |= {
+            keys.PREDICTED: float(answer["predicted_test_acc"]),
+            keys.PREDICTED_LOW: float(answer["predicted_test_acc_low"]),
+            keys.PREDICTED_HIGH: float(answer["predicted_test_acc_high"]),
+            keys.PREDICTED_OOD: float(bool(answer["out_of_distribution"])),
+        }
+
+    def load(self) -> bool:
+        """Find the registered version (and load it, unless an endpoint serves it)."""
+        uri = f"models:/{self.cfg.model}@{self.cfg.alias}"
+        try:
+            version = mlflow.MlflowClient().get_model_version_by_alias(
+                self.cfg.model, self.cfg.alias
+            )
+            self.first_epoch = min(int(k) for k in version.tags[keys.KS_TAG].split(","))
+            if not self.cfg.endpoint:
+                self.model = mlflow.pyfunc.load_model(uri)
+        except Exception as error:
+            self.give_up(f"no usable {uri} in the registry ({type(error).__name__}: {error})")
+            return False
+        return True
+
+    def ask(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The model's answer, in this process or from the endpoint."""
+        if self.cfg.endpoint:
+            from mlflow_tg.serve.client import ask_endpoint
+
+            return ask_endpoint(self.cfg.endpoint, frame)
+        return self.model.predict(frame)
+
+    def give_up(self, why: str) -> None:
+        """Warn once; the run trains on without live predictions."""
+        log.warning("live prediction is off for this run: %s; training goes on", why)
+        self.disabled = True
+
+    def on_end(self, run: RunLogger) -> None:
+        """Nothing to log at the end."""

@@ -1,0 +1,99 @@
+"""The pruning hook of a training job: reads its sweep-mates from the tracking store, decides.
+
+Mates are the other runs of the same experiment that carry the same ``mlflow_tg.sweep`` tag
+(that of the job's Hydra multirun, or ``prune.sweep`` to group jobs launched apart), so jobs
+of one sweep running in parallel (``hydra/launcher=joblib``, one tracking server) see each
+other as they go. A pruned run stops after the epoch, is evaluated on the test split as it
+is, ends FINISHED, and is tagged ``pruned=true`` with its epoch and the reason; a run the policy
+let through is tagged ``pruned=false``, so both sides can be filtered in the MLflow UI. The
+predictor never learns from a pruned run: its final accuracy is not the full budget's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mlflow import MlflowClient
+from mlflow.entities import Run, RunStatus
+
+from mlflow_tg import keys
+from mlflow_tg.prune.policies import Policy, RunView
+from mlflow_tg.tracking.run import RunLogger
+from mlflow_tg.train.hooks import Epoch
+
+log = logging.getLogger(__name__)
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+
+
+def as_view(run: Run, val_acc: dict[int, float] | None = None) -> RunView:
+    """What a policy may know of a mate found in the store."""
+    metrics, tags = run.data.metrics, run.data.tags
+    completed = (
+        run.info.status == FINISHED
+        and tags.get(keys.PRUNED) != "true"
+        and tags.get(keys.DIVERGED) != "true"
+    )
+    return RunView(
+        val_acc=val_acc or {},
+        predicted=metrics.get(keys.PREDICTED),
+        predicted_high=metrics.get(keys.PREDICTED_HIGH),
+        final=metrics.get(keys.TARGET) if completed else None,
+    )
+
+
+class SweepPruner:
+    """Stops a job of a sweep when its policy says so (see the module docstring)."""
+
+    def __init__(self, policy: Policy, needs_curves: bool, sweep: str | None = None) -> None:
+        self.policy = policy
+        self.sweep = sweep  # None: the run's own mlflow_tg.sweep tag (its Hydra multirun)
+        self.needs_curves = needs_curves  # the median rule compares val_acc epoch by epoch
+        self.val_acc: dict[int, float] = {}
+        self.warned = False
+
+    def on_epoch(self, epoch: Epoch, run: RunLogger) -> None:
+        """Decide after the epoch's own metrics (a live prediction included) are known."""
+        if keys.VAL_ACC in epoch.metrics:
+            self.val_acc[epoch.number] = epoch.metrics[keys.VAL_ACC]
+        if epoch.number == 0:
+            run.set_tag(keys.PRUNED, "false")
+            return
+        view = RunView(
+            val_acc=self.val_acc,
+            predicted=epoch.metrics.get(keys.PREDICTED),
+            predicted_high=epoch.metrics.get(keys.PREDICTED_HIGH),
+        )
+        reason = self.policy.decide(epoch.number, view, self.mates(run))
+        if reason:
+            run.set_tag(keys.PRUNED, "true")
+            run.set_tag(keys.PRUNED_EPOCH, epoch.number)
+            run.set_tag(keys.PRUNED_BY, reason)
+            epoch.stop = f"pruned, {reason}"
+
+    def mates(self, run: RunLogger) -> list[RunView]:
+        """The other runs of this run's sweep, as the store has them now."""
+        client = MlflowClient()
+        this = client.get_run(run.run_id)
+        sweep = self.sweep or this.data.tags.get(keys.SWEEP)
+        if sweep is None:
+            if not self.warned:
+                log.warning("pruning is on but this run is not part of a sweep (-m): no mates")
+                self.warned = True
+            return []
+        found = client.search_runs(
+            [this.info.experiment_id],
+            filter_string=f"tags.`{keys.SWEEP}` = '{sweep}'",
+            max_results=10_000,
+        )
+        mates = [mate for mate in found if mate.info.run_id != run.run_id]
+        return [as_view(mate, self.curve(client, mate)) for mate in mates]
+
+    def curve(self, client: MlflowClient, mate: Run) -> dict[int, float] | None:
+        """A mate's val_acc by epoch, when the policy needs it."""
+        if not self.needs_curves:
+            return None
+        history = client.get_metric_history(mate.info.run_id, keys.VAL_ACC)
+        return {point.step: point.value for point in history}
+
+    def on_end(self, run: RunLogger) -> None:
+        """Nothing to log at the end."""

@@ -1,0 +1,276 @@
+"""Failures caused for real: concurrent starts, SIGTERM, a sweep with a bad job, a server down,
+a damaged history artifact, unchecked data files.
+
+Concurrent starts go through ``tests/start_together.py``: each process imports everything
+first, then waits for one file, so that the real ``train.py`` jobs reach MLflow and Hydra's
+output folder at the same instant, as they do on a machine with cores to spare.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from mlflow_tg import keys
+from mlflow_tg.errors import InputError
+from mlflow_tg.predictor.dataset import build_dataset
+from mlflow_tg.tracking.run import check_tracking_server, sqlite_lock
+from mlflow_tg.tracking.runs import CorruptHistoryError, load_run, load_runs, read_history
+from tests.conftest import CONF_DIR
+from tests.servers import free_port
+
+ROOT = CONF_DIR.parent
+TRAIN = str(ROOT / "train.py")
+TINY = ["model=mlp", "width=2", "graph=off", "device=cpu", "num_threads=1"]
+
+
+def start_together(folder: Path, commands: list[list[str]]) -> list[subprocess.Popen]:
+    """Start ``train.py`` processes that wait, imports done, until released together."""
+    go = folder / "go"
+    helper = str(ROOT / "tests" / "start_together.py")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, helper, str(go), TRAIN, *command],
+            cwd=folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for command in commands
+    ]
+    ready = [folder / f"ready.{p.pid}" for p in processes]
+    deadline = time.monotonic() + 300
+    while not all(path.exists() for path in ready):
+        assert time.monotonic() < deadline, "the processes did not get ready"
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        time.sleep(0.1)
+    time.sleep(1 - time.time() % 1 + 0.05)  # just after a second starts: one folder name
+    go.touch()
+    return processes
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str]]:
+    """Exit code and output of each process."""
+    return [(p.wait(timeout), p.communicate()[0]) for p in processes]
+
+
+def runs_of(uri: str, experiment: str = "mlflow_tg") -> tuple[MlflowClient, list]:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client, [] if found is None else client.search_runs([found.experiment_id])
+
+
+# --- B1: concurrent first use of a SQLite store ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_eight_runs_started_at_once_on_a_missing_sqlite_store_all_finish(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    commands = [
+        [*TINY, "epochs=1", f"seed={seed}", f"tracking.uri={uri}",
+         f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+        for seed in range(8)
+    ]  # fmt: skip
+    results = finish(start_together(tmp_path, commands))
+    failed = [output[-2000:] for code, output in results if code != 0]
+    assert not failed, f"{len(failed)} of 8 failed; first: {failed[0]}"
+    _, runs = runs_of(uri)
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(int(r.data.params["seed"]) for r in runs) == list(range(8))
+
+
+# --- B2: runs started in the same second -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_runs_started_in_the_same_second_each_log_their_own_hydra_config(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("mlflow_tg")  # the store exists: only Hydra is tested
+    commands = [[*TINY, "epochs=1", f"seed={seed}", f"tracking.uri={uri}"] for seed in range(4)]
+    results = finish(start_together(tmp_path, commands))
+    assert all(code == 0 for code, _ in results), [out[-2000:] for _, out in results]
+    client, runs = runs_of(uri)
+    assert len(runs) == 4
+    for run in runs:
+        logged = client.download_artifacts(run.info.run_id, ".hydra/config.yaml", str(tmp_path))
+        assert yaml.safe_load(Path(logged).read_text())["seed"] == int(run.data.params["seed"])
+    folders = list((tmp_path / "outputs").glob("*/*"))
+    assert len(folders) == 4, folders  # one output folder per job
+
+
+# --- B3: SIGTERM -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_and_the_process_with_143(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *TINY, "epochs=100000", f"tracking.uri={uri}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the run exists and has logged an epoch
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the run never started"
+            if (tmp_path / "mlflow.db").exists():
+                with sqlite_lock(uri):  # not while the job creates the store
+                    _, runs = runs_of(uri)
+                if runs and runs[0].info.status == "RUNNING" and "val_acc" in runs[0].data.metrics:
+                    break
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    (run,) = runs_of(uri)[1]
+    assert run.info.status == "KILLED"
+    assert run.data.tags[keys.KILLED_BY] == "SIGTERM"
+    assert "Traceback" not in output
+
+
+# --- B5: a sweep with a job that has a bad value --------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_bad_job_of_a_multirun_is_refused_and_the_others_run(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = subprocess.run(
+        [sys.executable, TRAIN, "-m", *TINY, "epochs=1", f"tracking.uri={uri}",
+         "optimizer.lr=0.01,-1,0.02"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    _, runs = runs_of(uri)
+    assert sorted(r.data.params["optimizer.lr"] for r in runs) == ["0.01", "0.02"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert output.count("optimizer.lr=-1.0 is not allowed") >= 1
+    assert "1 of the 3 jobs" in output and "Traceback" not in output
+
+
+# --- B7: a tracking server that is down ------------------------------------------------------
+
+
+def test_an_unreachable_tracking_server_is_named_at_once(tmp_path: Path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(InputError) as error:
+        check_tracking_server(uri, timeout_s=2)
+    assert time.monotonic() - started < 10
+    assert uri in str(error.value) and "make server-start" in str(error.value)
+
+
+@pytest.mark.slow
+def test_training_against_a_closed_port_exits_2_without_a_traceback(tmp_path: Path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, TRAIN, *TINY, "epochs=1", "tracking=server", f"tracking.uri={uri}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert uri in output and "make server-start" in output and "Traceback" not in output
+    assert time.monotonic() - started < 120  # not MLflow's four minutes of retries
+
+
+# --- B9: a damaged history.parquet -----------------------------------------------------------
+
+
+def corrupt_history(client: MlflowClient, run_id: str, folder: Path) -> None:
+    """Replace the run's history.parquet with a truncated copy of itself."""
+    good = Path(client.download_artifacts(run_id, keys.HISTORY, str(folder / run_id)))
+    damaged = folder / "damaged" / keys.HISTORY
+    damaged.parent.mkdir(parents=True, exist_ok=True)
+    damaged.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    client.log_artifact(run_id, str(damaged))
+
+
+def test_a_damaged_history_is_named_for_one_run_and_left_out_in_bulk(
+    make_cfg, client, tmp_path, caplog
+):
+    from mlflow_tg.job import train
+
+    good, bad = (
+        train(make_cfg("model=mlp", "graph=off", "epochs=2", f"seed={seed}"))["run_id"]
+        for seed in (0, 1)
+    )
+    corrupt_history(client, bad, tmp_path)
+    assert len(read_history(client, good)) == 3
+    with pytest.raises(CorruptHistoryError) as error:
+        load_run(client, bad)
+    message = str(error.value)
+    assert bad in message and keys.HISTORY in message and "\n" not in message
+    with caplog.at_level(logging.WARNING, logger="mlflow_tg.tracking.runs"):
+        records = {r.run_id: r for r in load_runs(client, "tests")}
+    assert records[good].history is not None and records[bad].history is None
+    assert bad in caplog.text and "cannot be read" in caplog.text
+    dataset = build_dataset(list(records.values()), 1, "curve")
+    assert dataset.frame["run_id"].to_list() == [good]
+    assert dataset.left_out == {f"unreadable {keys.HISTORY}": 1}
+
+
+def test_mlflow_tg_predict_on_a_damaged_history_exits_2_naming_it(
+    make_cfg, client, tracking_uri, tmp_path
+):
+    from mlflow_tg.job import train
+
+    run_id = train(make_cfg("model=mlp", "graph=off", "epochs=2"))["run_id"]
+    corrupt_history(client, run_id, tmp_path)
+    # a registered version with the tags `predict` reads; its model is never loaded
+    client.create_registered_model(keys.REGISTERED_MODEL)
+    version = client.create_model_version(
+        keys.REGISTERED_MODEL, str(tmp_path), tags={keys.K_TAG: "1", keys.SETS_TAG: "curve"}
+    )
+    client.set_registered_model_alias(keys.REGISTERED_MODEL, keys.CHAMPION, version.version)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow_tg.serve.cli", "predict", "--run-id", run_id,
+         "--tracking-uri", tracking_uri],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert run_id in result.stderr and keys.HISTORY in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- B10: data files read without their checksums --------------------------------------------
+
+
+def test_checksums_off_warns_that_pickles_are_loaded_unchecked(tmp_path, caplog):
+    from mlflow_tg.train.data import DataNotFoundError, load_data
+    from tests.test_data import data_cfg, write_cifar10
+
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    with caplog.at_level(logging.WARNING, logger="mlflow_tg.train.data"):
+        load_data(data_cfg("cifar10", tmp_path, "data.verify_checksums=false"))
+    assert "data.verify_checksums=false" in caplog.text
+    assert "unpickles" in caplog.text and "run any code" in caplog.text
+    with pytest.raises(DataNotFoundError) as error:  # checksums on: refused, risk named
+        load_data(data_cfg("cifar10", tmp_path))
+    assert "verify_checksums=false" in str(error.value) and "run any code" in str(error.value)
+
+
+def test_checksums_on_or_files_without_pickles_do_not_warn(tmp_path, caplog):
+    from mlflow_tg.train.data import load_data
+    from tests.test_data import data_cfg, write_svhn
+
+    write_svhn(tmp_path, np.random.default_rng(0))
+    with caplog.at_level(logging.WARNING, logger="mlflow_tg.train.data"):
+        load_data(data_cfg("svhn", tmp_path, "data.verify_checksums=false"))
+        load_data(data_cfg("digits"))
+    assert "unpickles" not in caplog.text

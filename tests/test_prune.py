@@ -1,0 +1,116 @@
+"""Pruning: the policies on hand-made sweeps, and a real training job pruned by its sweep-mates."""
+
+from __future__ import annotations
+
+import re
+
+import mlflow
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_tg import keys
+from mlflow_tg.errors import ConfigError
+from mlflow_tg.job import train
+from mlflow_tg.prune.policies import MedianPolicy, PredictedPolicy, RunView
+from tests.conftest import all_runs
+
+
+def mates_expecting(*finals: float) -> list[RunView]:
+    return [RunView(final=value) for value in finals]
+
+
+def test_predicted_policy_waits_for_its_warmup_mates():
+    policy = PredictedPolicy(quantile=0.5, warmup=3)
+    run = RunView(predicted=0.1, predicted_high=0.2)
+    assert policy.decide(1, run, mates_expecting(0.9, 0.9)) is None
+    assert "below 0.900" in policy.decide(1, run, mates_expecting(0.9, 0.9, 0.9))
+
+
+def test_predicted_policy_stops_only_when_the_whole_interval_is_below_the_bar():
+    policy = PredictedPolicy(quantile=0.75, warmup=4)
+    mates = mates_expecting(0.2, 0.4, 0.6, 0.8)  # 0.75 quantile: 0.65
+    assert policy.decide(2, RunView(predicted=0.5, predicted_high=0.64), mates) is not None
+    assert policy.decide(2, RunView(predicted=0.5, predicted_high=0.66), mates) is None
+    assert policy.decide(2, RunView(val_acc={2: 0.0}), mates) is None  # no prediction yet
+
+
+def test_predicted_policy_counts_a_running_mate_by_its_prediction():
+    policy = PredictedPolicy(quantile=0.5, warmup=2)
+    mates = [RunView(predicted=0.9), RunView(final=0.8), RunView()]  # the last knows nothing
+    reason = policy.decide(1, RunView(predicted=0.1, predicted_high=0.3), mates)
+    assert "0.850" in reason and "2 sweep-mates" in reason
+
+
+def test_median_policy_compares_with_mates_at_the_same_epoch():
+    policy = MedianPolicy(warmup=3, min_epoch=1)
+    mates = [RunView(val_acc={1: v, 2: 0.99}) for v in (0.3, 0.5, 0.7)]
+    assert "below the median 0.500" in policy.decide(1, RunView(val_acc={1: 0.4}), mates)
+    assert policy.decide(1, RunView(val_acc={1: 0.6}), mates) is None
+    assert policy.decide(0, RunView(val_acc={0: 0.0}), mates) is None  # before min_epoch
+    assert policy.decide(3, RunView(val_acc={3: 0.0}), mates) is None  # no mate reached 3
+
+
+def log_mates(tracking_uri: str, val_acc: float, count: int = 5, sweep: str = "s1") -> None:
+    """Finished runs of a sweep, as earlier jobs would have left them."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("tests")
+    for _ in range(count):
+        with mlflow.start_run(tags={keys.SWEEP: sweep, keys.PRUNED: "false"}):
+            for epoch in range(4):
+                mlflow.log_metric(keys.VAL_ACC, val_acc, step=epoch)
+            mlflow.log_metric(keys.TARGET, val_acc, step=3)
+
+
+def test_a_job_below_its_mates_median_is_pruned_evaluated_and_finished(
+    make_cfg, tracking_uri, client: MlflowClient
+):
+    log_mates(tracking_uri, val_acc=1.0)
+    result = train(make_cfg("model=mlp", "epochs=3", "graph=off", "prune=median", "prune.sweep=s1"))
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[keys.PRUNED] == "true" and run.data.tags[keys.PRUNED_EPOCH] == "1"
+    assert "below the median 1.000 of 5 sweep-mates" in run.data.tags[keys.PRUNED_BY]
+    assert keys.TARGET in run.data.metrics  # evaluated on the test split as it is
+    history = pl.read_parquet(client.download_artifacts(result["run_id"], keys.HISTORY))
+    assert history["epoch"].to_list() == [0, 1]
+    assert "stopped: pruned" in run.data.tags[keys.NOTE]
+
+
+def test_a_job_above_its_mates_trains_its_whole_budget_and_says_so(
+    make_cfg, tracking_uri, client: MlflowClient
+):
+    log_mates(tracking_uri, val_acc=0.0)
+    result = train(make_cfg("model=mlp", "epochs=2", "graph=off", "prune=median", "prune.sweep=s1"))
+    run = client.get_run(result["run_id"])
+    assert run.data.tags[keys.PRUNED] == "false"
+    assert result["epochs_completed"] == 2
+    sweep = {r.data.tags.get(keys.SWEEP) for r in all_runs(client)}
+    assert sweep == {"s1"}  # the job joined its mates' sweep
+
+
+@pytest.mark.parametrize("policy", ["median", "predicted"])
+def test_a_job_outside_any_sweep_is_never_pruned(make_cfg, client, policy, caplog):
+    overrides = ["model=mlp", "epochs=2", "graph=off", f"prune={policy}"]
+    if policy == "predicted":
+        overrides.append("predict=champion")  # no registry here: one warning, training goes on
+    result = train(make_cfg(*overrides))
+    assert result["epochs_completed"] == 2
+    assert "not part of a sweep" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["prune=predicted"], "prune=predicted is not allowed with predict=off"),
+        (["prune=median", "prune.quantile=1.5"], "prune.quantile=1.5 is not allowed"),
+        (["prune=median", "prune.warmup=-1"], "prune.warmup=-1 is not allowed"),
+        (["predict=endpoint", "predict.endpoint=localhost:5001"], "predict.endpoint="),
+    ],
+)
+def test_bad_pruning_and_prediction_settings_are_refused_before_any_run(
+    make_cfg, client, overrides, named
+):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        train(make_cfg("model=mlp", "graph=off", *overrides))
+    assert all_runs(client) == []

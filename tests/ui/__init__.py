@@ -1,0 +1,1 @@
+"""Helpers of the slow UI test (``tests/test_ui.py``), which drives the MLflow UI in Chromium."""
