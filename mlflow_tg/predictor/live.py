@@ -48,10 +48,10 @@ class LivePrediction:
             self.give_up(f"the predictor could not score this run ({error})")
             return
         epoch.metrics |= {
-            keys.PREDICTED: float(answer["predicted_test_acc"]),
-            keys.PREDICTED_LOW: float(answer["predicted_test_acc_low"]),
-            keys.PREDICTED_HIGH: float(answer["predicted_test_acc_high"]),
-            keys.PREDICTED_OOD: float(bool(answer["out_of_distribution"])),
+            keys.PREDICTED: float(answer[keys.ANSWER]),
+            keys.PREDICTED_LOW: float(answer[keys.ANSWER_LOW]),
+            keys.PREDICTED_HIGH: float(answer[keys.ANSWER_HIGH]),
+            keys.PREDICTED_OOD: float(bool(answer[keys.ANSWER_OOD])),
         }
 
     def load(self) -> bool:

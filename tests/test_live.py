@@ -1,0 +1,86 @@
+"""Live prediction and pruning inside real training jobs, against the session's champion."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_tg import keys
+from mlflow_tg.job import train
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.slow
+CLI = Path(sys.executable).parent / "mlflow-tg"
+
+
+def job(store: dict[str, str], experiment: str, *overrides: str):
+    """A tiny training job in the population's store, where the champion is registered."""
+    return compose_config(
+        [
+            "model=mlp",
+            "width=3",
+            "epochs=4",
+            "device=cpu",
+            "batch_size=32",
+            "graph.threads=1",
+            "graph.node_tables=false",
+            f"tracking.uri={store['uri']}",
+            f"tracking.artifact_root={store['artifacts']}",
+            f"tracking.experiment={experiment}",
+            *overrides,
+        ]
+    )
+
+
+def test_live_predictions_are_logged_each_epoch_and_equal_mlflow_tg_predict(population, champion):
+    result = train(job(population, "live", "predict=champion"))
+    client = MlflowClient(population["uri"])
+    run_id = result["run_id"]
+    live = {m.step: m.value for m in client.get_metric_history(run_id, keys.PREDICTED)}
+    assert sorted(live) == [1, 2, 3, 4]  # from the smallest window (1) at every later epoch
+    high = {m.step: m.value for m in client.get_metric_history(run_id, keys.PREDICTED_HIGH)}
+    low = {m.step: m.value for m in client.get_metric_history(run_id, keys.PREDICTED_LOW)}
+    assert all(0 <= low[e] <= live[e] <= high[e] <= 1 for e in live)
+    assert keys.PREDICTED_OOD in client.get_run(run_id).data.metrics
+    before = client.get_metric_history(run_id, keys.PREDICTED)
+    printed = subprocess.run(
+        [str(CLI), "predict", "--run-id", run_id, "--tracking-uri", population["uri"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert run_id in printed
+    after = client.get_metric_history(run_id, keys.PREDICTED)
+    (cli,) = [m for m in after if m not in before]
+    # the CLI answers from the largest window the run has (3): the live value at epoch 3
+    assert cli.step == 3
+    assert cli.value == pytest.approx(live[3], abs=1e-9)
+
+
+def test_predicted_pruning_stops_a_job_below_its_mates(population, champion):
+    sweep = "live-sweep"
+    # mates that reached the top: the population's best final accuracies
+    client = MlflowClient(population["uri"])
+    experiment = client.get_experiment_by_name("population").experiment_id
+    best = client.search_runs([experiment], order_by=["metrics.test_acc DESC"], max_results=5)
+    mates = [r.data.metrics[keys.TARGET] for r in best]
+    mlflow.set_tracking_uri(population["uri"])
+    mlflow.set_experiment("pruned")
+    for value in mates:
+        with mlflow.start_run(tags={keys.SWEEP: sweep, keys.PRUNED: "false"}):
+            mlflow.log_metric(keys.TARGET, value)
+    # a learning rate that never learns: its interval ends below the mates' quantile
+    weak = job(population, "pruned", "predict=champion", "prune=predicted",
+               f"prune.sweep={sweep}", "prune.quantile=0.5", "optimizer.lr=0.0001")  # fmt: skip
+    result = train(weak)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[keys.PRUNED] == "true"
+    assert result["epochs_completed"] < 4
+    assert "upper end" in run.data.tags[keys.PRUNED_BY]
+    assert keys.TARGET in run.data.metrics
