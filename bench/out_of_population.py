@@ -14,6 +14,7 @@ sweep has for free: ``val_acc`` at epoch k and minus the training loss summed ov
 from __future__ import annotations
 
 import argparse
+import logging
 
 import mlflow
 import numpy as np
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--alias", default=keys.CHAMPION)
     args = parser.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri)
+    logging.getLogger("mlflow.models.utils").setLevel(logging.ERROR)  # extra history columns
     client = MlflowClient()
     version = client.get_model_version_by_alias(args.model, args.alias)
     spec = FeatureSpec.of_version(version)

@@ -23,6 +23,7 @@ and the recall of the population's top 10%, averaged over the orders, and draws
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,9 +38,9 @@ import numpy as np
 import optuna
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow_tg.predictor.model import model_input
 
 from mlflow_tg import keys
+from mlflow_tg.predictor.model import model_input
 from mlflow_tg.prune.policies import MedianPolicy, Policy, PredictedPolicy, RunView
 from mlflow_tg.tracking.runs import load_runs
 
@@ -224,6 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow.set_tracking_uri(args.tracking_uri)
+    logging.getLogger("mlflow.models.utils").setLevel(logging.ERROR)  # extra history columns
     jobs = load_jobs(MlflowClient(), args.experiment, args.model)
     best = max(job.final for job in jobs)
     rng = np.random.default_rng(0)

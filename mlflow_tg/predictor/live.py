@@ -32,6 +32,7 @@ class LivePrediction:
         self.cfg = cfg
         self.params = params
         self.model: Any = None
+        self.columns: list[str] = []
         self.first_epoch: int | None = None  # None until the model is found; then min(ks)
         self.disabled = False
 
@@ -64,6 +65,8 @@ class LivePrediction:
             self.first_epoch = min(int(k) for k in version.tags[keys.KS_TAG].split(","))
             if not self.cfg.endpoint:
                 self.model = mlflow.pyfunc.load_model(uri)
+                # only the columns it reads: MLflow warns about every other one, at every epoch
+                self.columns = self.model.metadata.get_input_schema().input_names()
         except Exception as error:
             self.give_up(f"no usable {uri} in the registry ({type(error).__name__}: {error})")
             return False
@@ -75,7 +78,7 @@ class LivePrediction:
             from mlflow_tg.serve.client import ask_endpoint
 
             return ask_endpoint(self.cfg.endpoint, frame)
-        return self.model.predict(frame)
+        return self.model.predict(frame[[c for c in frame.columns if c in self.columns]])
 
     def give_up(self, why: str) -> None:
         """Warn once; the run trains on without live predictions."""
