@@ -60,6 +60,10 @@ def test_live_predictions_are_logged_each_epoch_and_equal_mlflow_tg_predict(popu
     # the CLI answers from the largest window the run has (3): the live value at epoch 3
     assert cli.step == 3
     assert cli.value == pytest.approx(live[3], abs=1e-9)
+    note = client.get_run(run_id).data.tags[keys.NOTE]  # the run's description on its page
+    assert "**mlp** width 3" in note and "after 4 of 4 epochs (completed)" in note
+    # the live prediction at the run's end, then the CLI's answer: the same value
+    assert note.count(f"predicted test accuracy **{live[4]:.3f}**") == 2
 
 
 def test_predicted_pruning_stops_a_job_below_its_mates(population, champion):

@@ -75,9 +75,11 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
         "holdout/graph_curve_hparams/all/kendall_tau",
         "holdout/graph/nontrivial/r2",
         "holdout/val_acc_at_k/all/spearman",
+        "holdout/minus_train_loss.sum/all/kendall_tau",  # the training-speed baseline
         "transfer/curve/all/mae_points",
     ):
         assert key in run.data.metrics, key
+    assert "holdout/minus_train_loss.sum/all/r2" not in run.data.metrics  # a score: no R²
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {
         "quality.parquet",
@@ -369,7 +371,7 @@ def test_width_transfer_of_runs_of_one_width_is_not_available(population):
     comparison = compare(narrow, cfg, holdout, ["hparams"], "hparams")
     assert comparison.transfer == "not available: it needs 2 distinct widths, the runs have [2.0]"
     transfer = comparison.table.filter(pl.col("split") == "transfer")
-    assert transfer.height == 4 and (transfer["runs"] == 0).all()
+    assert transfer.height == 6 and (transfer["runs"] == 0).all()  # hparams and 2 baselines
     assert transfer["kendall_tau"].is_nan().all()
 
 

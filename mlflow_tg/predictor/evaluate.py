@@ -26,6 +26,8 @@ from mlflow_tg.tracking.runs import TARGET
 
 QUALITY_METRICS = ("r2", "mae_points", "spearman", "kendall_tau")
 BASELINE = "val_acc@k"
+# training speed (Ru et al. 2021): a ranking score, not an accuracy, so its R² and MAE mean nothing
+SPEED_BASELINE = "-train_loss.sum"
 
 
 def quality(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -161,10 +163,16 @@ def compare(
             registered_fit = model, predicted
     baseline = dataset.column(f"val_acc@{cfg.k}")
     qualities[BASELINE] = scored(baseline[holdout], baseline[wide])
+    if cfg.k >= 1:  # less loss over epochs 1..k ranks first; a run without it ranks last
+        speed = np.nan_to_num(-dataset.column("train_loss.sum"), nan=-np.inf)
+        qualities[SPEED_BASELINE] = scored(speed[holdout], speed[wide])
+        for subsets in qualities[SPEED_BASELINE].values():
+            for scores in subsets.values():
+                scores["r2"] = scores["mae_points"] = float("nan")
     return Comparison(qualities, *registered_fit, transfer)
 
 
 def metric_key(row: dict[str, Any], metric: str) -> str:
     """``holdout/graph_curve_hparams/all/kendall_tau`` ('+' and '@' are not allowed in keys)."""
-    features = row["features"].replace("+", "_").replace("@", "_at_")
+    features = row["features"].replace("+", "_").replace("@", "_at_").replace("-", "minus_")
     return f"{row['split']}/{features}/{row['subset']}/{metric}"

@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from mlflow_tg import keys
+from mlflow_tg.predictor.describe import note_line
 from mlflow_tg.predictor.model import model_input
 from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.train.hooks import Epoch
@@ -35,6 +36,7 @@ class LivePrediction:
         self.columns: list[str] = []
         self.first_epoch: int | None = None  # None until the model is found; then min(ks)
         self.disabled = False
+        self.last: Any = None  # the latest answer, for the run's description
 
     def on_epoch(self, epoch: Epoch, run: RunLogger) -> None:
         """Predict from epochs 0..now and add the answer to the epoch's metrics."""
@@ -45,6 +47,7 @@ class LivePrediction:
         rows = [*epoch.history, {"epoch": epoch.number, **epoch.metrics}]
         try:
             answer = self.ask(model_input(rows, self.params, run.run_id)).iloc[0]
+            self.last = answer
         except Exception as error:  # a prediction is advice: training goes on without it
             self.give_up(f"the predictor could not score this run ({error})")
             return
@@ -86,4 +89,6 @@ class LivePrediction:
         self.disabled = True
 
     def on_end(self, run: RunLogger) -> None:
-        """Nothing to log at the end."""
+        """The latest prediction, in the run's description."""
+        if self.last is not None:
+            run.describe(note_line(self.last))

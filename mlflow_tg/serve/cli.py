@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 from mlflow_tg import keys
+from mlflow_tg.predictor.describe import with_note
 from mlflow_tg.serve.answer import KNOWN, describe, known_answer, predicted_metrics
 
 # The embedded store of conf/tracking/local.yaml, where train.py logs by default.
@@ -120,7 +121,10 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     client.log_batch(
         args.run_id,
         metrics=[Metric(k, v, now, step) for k, v in predicted_metrics(answer).items()],
-        tags=[RunTag(keys.PREDICTED_BY, source)],
+        tags=[
+            RunTag(keys.PREDICTED_BY, source),
+            RunTag(keys.NOTE, with_note(run.tags.get(keys.NOTE), answer)),
+        ],
     )
     print(describe(args.run_id, answer, source))
     return answer
@@ -149,7 +153,8 @@ def predict_over_http(args: argparse.Namespace) -> dict[str, Any]:
         (answer,) = post_request(args.endpoint, request_body(rows, params, args.run_id))
         source = f"models:/{args.model}/{version['version']} via {args.endpoint}"
     step = int(answer[keys.ANSWER_K])
-    server.log(args.run_id, predicted_metrics(answer), step, {keys.PREDICTED_BY: source})
+    tags = {keys.PREDICTED_BY: source, keys.NOTE: with_note(tags.get(keys.NOTE), answer)}
+    server.log(args.run_id, predicted_metrics(answer), step, tags)
     print(describe(args.run_id, answer, source))
     return answer
 

@@ -1,0 +1,25 @@
+"""A prediction in words, for the run's MLflow description (its note on the Overview page)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mlflow_tg import keys
+
+
+def note_line(answer: Mapping[str, Any]) -> str:
+    """The prediction in one line of the run's MLflow description."""
+    line = (
+        f"predicted test accuracy **{float(answer[keys.ANSWER]):.3f}** "
+        f"[{float(answer[keys.ANSWER_LOW]):.3f}, {float(answer[keys.ANSWER_HIGH]):.3f}] "
+        f"from epochs 0..{int(answer[keys.ANSWER_K])}"
+    )
+    if bool(answer[keys.ANSWER_OOD]):
+        line += f", out of distribution: {answer.get(keys.ANSWER_OOD_REASONS, '')}"
+    return line
+
+
+def with_note(note: str | None, answer: Mapping[str, Any]) -> str:
+    """A run's description with the prediction's line added."""
+    return f"{note}  \n{note_line(answer)}" if note else note_line(answer)
