@@ -95,6 +95,10 @@ HOLDOUT_SEED_TAG, HOLDOUT_FRACTION_TAG = "mlflow_tg.holdout_seed", "mlflow_tg.ho
 MODEL_VERSION, ALIAS = "mlflow_tg.model_version", "mlflow_tg.alias"
 COMPARISON, WIDTH_TRANSFER = "mlflow_tg.comparison", "mlflow_tg.width_transfer"
 COMPARISON_PREFIX = "comparison/"
+# The predictor run's artifacts: tables (parquet), figures, and its training set as a dataset.
+QUALITY_TABLE, TRAINING_TABLE, IMPORTANCE_TABLE = "quality", "training_table", "feature_importance"
+SCATTER_FIGURE, IMPORTANCE_FIGURE = "predicted_vs_actual.png", "feature_importance.png"
+TRAINING_DATASET = "predictor-training-table"
 
 
 def coverage_metric(nominal: float, k: int | None = None) -> str:

@@ -141,7 +141,7 @@ def test_quality_table_covers_every_set_split_and_subset(champion):
     sets = set(quality["features"])
     assert sets == {
         "graph", "curve", "hparams", "curve+hparams", "graph+hparams",
-        "graph+curve+hparams", "val_acc@k",
+        "graph+curve+hparams", "val_acc@k", "-train_loss.sum",
     }  # fmt: skip
     assert quality.height == len(sets) * 2 * 2
     held = quality.filter(pl.col("split") == "holdout", pl.col("subset") == "all")
@@ -273,7 +273,7 @@ HPARAMS_ONLY = ("feature_sets=hparams", "compare_sets=[hparams]")
 @pytest.mark.slow
 def test_a_fit_without_the_curve_set_still_has_its_baseline_and_reads_only_params(population):
     result = fit_predictor(predictor_config(population, "registered_model=hparams", *HPARAMS_ONLY))
-    assert set(result["quality"]["features"]) == {"hparams", "val_acc@k"}
+    assert set(result["quality"]["features"]) == {"hparams", "val_acc@k", "-train_loss.sum"}
     inputs = mlflow.models.get_model_info(f"models:/hparams/{result['version']}").signature.inputs
     assert inputs.input_names() == ["run_id", "epoch", *PARAM_KEYS]  # no metric read
     mlflow.set_tracking_uri(population["uri"])

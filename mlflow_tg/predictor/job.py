@@ -282,16 +282,16 @@ def log_artifacts(
         {"feature": model.feature_names_, "importance": model.get_feature_importance()}
     ).sort("importance", descending=True)
     tables = {
-        "quality": comparison.table,
-        "training_table": dataset.frame.with_columns(pl.Series("held_out", holdout)),
-        "feature_importance": importance,
+        keys.QUALITY_TABLE: comparison.table,
+        keys.TRAINING_TABLE: dataset.frame.with_columns(pl.Series("held_out", holdout)),
+        keys.IMPORTANCE_TABLE: importance,
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name, frame in tables.items():
             frame.write_parquet(Path(tmp) / f"{name}.parquet")
             mlflow.log_artifact(str(Path(tmp) / f"{name}.parquet"))
     training = mlflow.data.from_polars(
-        tables["training_table"], name="predictor-training-table", targets=TARGET
+        tables[keys.TRAINING_TABLE], name=keys.TRAINING_DATASET, targets=TARGET
     )
     mlflow.log_input(training, context="training")
     predictions = {
@@ -299,8 +299,8 @@ def log_artifacts(
         f"val_acc@{k} (baseline)": dataset.column(f"val_acc@{k}", holdout),
     }
     scatter = predicted_vs_actual_figure(dataset.column(TARGET, holdout), predictions)
-    mlflow.log_figure(scatter, "predicted_vs_actual.png")
-    mlflow.log_figure(importance_figure(importance.head(25)), "feature_importance.png")
+    mlflow.log_figure(scatter, keys.SCATTER_FIGURE)
+    mlflow.log_figure(importance_figure(importance.head(25)), keys.IMPORTANCE_FIGURE)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predictor")
