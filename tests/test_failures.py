@@ -274,3 +274,30 @@ def test_checksums_on_or_files_without_pickles_do_not_warn(tmp_path, caplog):
         load_data(data_cfg("svhn", tmp_path, "data.verify_checksums=false"))
         load_data(data_cfg("digits"))
     assert "unpickles" not in caplog.text
+
+
+def test_ending_a_run_is_retried_while_the_store_is_busy(monkeypatch):
+    from mlflow.entities import RunStatus
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    import mlflow_tg.tracking.run as tracked
+
+    calls = []
+
+    def busy_twice(status):
+        calls.append(status)
+        if len(calls) <= 2:
+            raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(tracked.mlflow, "end_run", busy_twice)
+    monkeypatch.setattr(tracked.time, "sleep", lambda seconds: None)
+    tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)
+    assert calls == ["KILLED"] * 3
+
+    def refused(status):
+        raise MlflowException("no such run", error_code=INVALID_PARAMETER_VALUE)
+
+    monkeypatch.setattr(tracked.mlflow, "end_run", refused)
+    with pytest.raises(MlflowException, match="no such run"):  # only a busy store is retried
+        tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)

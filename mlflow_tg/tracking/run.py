@@ -31,7 +31,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import (
+    RESOURCE_ALREADY_EXISTS,
+    TEMPORARILY_UNAVAILABLE,
+    ErrorCode,
+)
 from omegaconf import DictConfig
 
 from mlflow_tg import __version__, keys
@@ -290,10 +294,25 @@ class SigtermGuard:
         self.armed = False
 
 
-def end_run(guard: SigtermGuard, status: RunStatus) -> None:
-    """End the active run with ``status``; a SIGTERM meanwhile does not interrupt it."""
+def end_run(guard: SigtermGuard, status: RunStatus, attempts: int = 5) -> None:
+    """End the active run with ``status``; a SIGTERM meanwhile does not interrupt it.
+
+    A store busy with another writer (SQLite: "database is locked") is retried with a growing
+    wait: a run left RUNNING because a sweep-mate was writing would be lost to every reader.
+    """
     guard.disarm()
-    mlflow.end_run(RunStatus.to_string(status))
+    for attempt in range(attempts):
+        try:
+            mlflow.end_run(RunStatus.to_string(status))
+            return
+        except MlflowException as error:
+            if (
+                error.error_code != ErrorCode.Name(TEMPORARILY_UNAVAILABLE)
+                or attempt == attempts - 1
+            ):
+                raise
+            log.warning("the store is busy (%s); ending the run again", error.message[:200])
+            time.sleep(0.5 * 2**attempt)
 
 
 @contextmanager
