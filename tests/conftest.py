@@ -107,22 +107,25 @@ def population(tmp_path_factory) -> dict[str, str]:
     store = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "artifacts": str(folder / "artifacts")}
     for values in itertools.product(*POPULATION_GRID.values()):
         choices = [f"{key}={value}" for key, value in zip(POPULATION_GRID, values, strict=True)]
-        train(
-            compose_config(
-                [
-                    *choices,
-                    "epochs=4",
-                    "device=cpu",
-                    "batch_size=32",
-                    "graph.threads=1",
-                    "graph.node_tables=false",
-                    f"tracking.uri={store['uri']}",
-                    f"tracking.artifact_root={store['artifacts']}",
-                    "tracking.experiment=population",
-                ]
-            )
-        )
+        train(store_job(store, "population", *choices))
     return store
+
+
+def store_job(store: dict[str, str], experiment: str, *overrides: str) -> DictConfig:
+    """A tiny training job (4 epochs, CPU) logging to a test store's experiment."""
+    return compose_config(
+        [
+            "epochs=4",
+            "device=cpu",
+            "batch_size=32",
+            "graph.threads=1",
+            "graph.node_tables=false",
+            f"tracking.uri={store['uri']}",
+            f"tracking.artifact_root={store['artifacts']}",
+            f"tracking.experiment={experiment}",
+            *overrides,
+        ]
+    )
 
 
 def predictor_config(store: dict[str, str], *overrides: str) -> DictConfig:

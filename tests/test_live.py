@@ -12,29 +12,15 @@ from mlflow import MlflowClient
 
 from mlflow_tg import keys
 from mlflow_tg.job import train
-from tests.conftest import compose_config
+from tests.conftest import store_job
 
 pytestmark = pytest.mark.slow
 CLI = Path(sys.executable).parent / "mlflow-tg"
 
 
 def job(store: dict[str, str], experiment: str, *overrides: str):
-    """A tiny training job in the population's store, where the champion is registered."""
-    return compose_config(
-        [
-            "model=mlp",
-            "width=3",
-            "epochs=4",
-            "device=cpu",
-            "batch_size=32",
-            "graph.threads=1",
-            "graph.node_tables=false",
-            f"tracking.uri={store['uri']}",
-            f"tracking.artifact_root={store['artifacts']}",
-            f"tracking.experiment={experiment}",
-            *overrides,
-        ]
-    )
+    """A tiny mlp job in the population's store, where the champion is registered."""
+    return store_job(store, experiment, "model=mlp", "width=3", *overrides)
 
 
 def test_live_predictions_are_logged_each_epoch_and_equal_mlflow_tg_predict(population, champion):

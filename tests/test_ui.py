@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -125,12 +126,6 @@ def start(arguments: list[str], log: Path) -> Job:
             arguments, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=env
         )
     return Job(process, log)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def healthy(url: str) -> bool:

@@ -47,6 +47,7 @@ class SweepPruner:
     def __init__(self, policy: Policy, needs_curves: bool, sweep: str | None = None) -> None:
         self.policy = policy
         self.sweep = sweep  # None: the run's own mlflow_tg.sweep tag (its Hydra multirun)
+        self.experiment_id: str | None = None
         self.needs_curves = needs_curves  # the median rule compares val_acc epoch by epoch
         self.val_acc: dict[int, float] = {}
         self.warned = False
@@ -73,15 +74,18 @@ class SweepPruner:
     def mates(self, run: RunLogger) -> list[RunView]:
         """The other runs of this run's sweep, as the store has them now."""
         client = MlflowClient()
-        this = client.get_run(run.run_id)
-        sweep = self.sweep or this.data.tags.get(keys.SWEEP)
+        if self.experiment_id is None:  # the run's sweep and experiment do not change: read once
+            this = client.get_run(run.run_id)
+            self.experiment_id = this.info.experiment_id
+            self.sweep = self.sweep or this.data.tags.get(keys.SWEEP)
+        sweep = self.sweep
         if sweep is None:
             if not self.warned:
                 log.warning("pruning is on but this run is not part of a sweep (-m): no mates")
                 self.warned = True
             return []
         found = client.search_runs(
-            [this.info.experiment_id],
+            [self.experiment_id],
             filter_string=f"tags.`{keys.SWEEP}` = '{sweep}'",
             max_results=10_000,
         )
