@@ -14,7 +14,7 @@ PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup run test test-slow lint format bench population offgrid pruned-sweep predictor serve predict ui clean \
-	server-start server-stop server-status
+	server-start server-stop server-status bench-scale
 
 setup: $(STAMP)
 
@@ -108,15 +108,24 @@ pruned-sweep: setup
 #     .server/ (git-ignored). Returns once /health answers; fails with the log's end otherwise.
 #   make server-stop      stops the MLflow server, and PostgreSQL if server-start started it
 #   make server-status    pid, URL and health as JSON (exit 1 when it does not answer)
+#   make server-start AUTH=1   the same with MLflow's basic auth: the admin password comes
+#     from $MLFLOW_TG_ADMIN_PASSWORD (required, 12 characters at least; admin user
+#     $MLFLOW_TG_ADMIN_USER, default admin); clients set MLFLOW_TRACKING_USERNAME/PASSWORD.
 SERVER_PORT ?= 5000
 server-start: setup
-	$(PY) -m mlflow_tg.tracking.server start --port $(SERVER_PORT)
+	$(PY) -m mlflow_tg.tracking.server start --port $(SERVER_PORT) $(if $(AUTH),--auth)
 
 server-stop:
 	$(PY) -m mlflow_tg.tracking.server stop --port $(SERVER_PORT)
 
 server-status:
 	$(PY) -m mlflow_tg.tracking.server status --port $(SERVER_PORT)
+
+# 8 and 16 concurrent jobs on the PostgreSQL-backed server (restarted once mid-sweep) and on
+# the embedded SQLite store, every metric counted; then joblib against sequential. Needs root
+# and Debian's PostgreSQL (a throwaway cluster); bench/scale.py --no-server skips that part.
+bench-scale: setup
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) .system-deps *.egg-info

@@ -7,7 +7,8 @@ check), two sets of runs: the population's runs held out of its fit (the version
 split: configurations it never saw) and a sweep off the population's grid (``make offgrid``:
 seeds, widths and learning rates never used, some outside the population's range). For each
 it prints Kendall τ, Spearman ρ and MAE of the prediction at the version's k, the coverage of
-its 80% interval, the share of runs flagged out of distribution, and the two rankings every
+its 80% interval, the share of runs flagged out of distribution (and τ among the flagged and
+the unflagged runs: what the flag tells a user), and the two rankings every
 sweep has for free: ``val_acc`` at epoch k and minus the training loss summed over 1..k.
 """
 
@@ -54,13 +55,16 @@ def score(model, records, k: int) -> dict[str, float]:
     val_acc = np.array([rows[k].get(keys.VAL_ACC, -np.inf) for rows in by_epoch])
     loss = np.array([sum(rows[e].get(keys.TRAIN_LOSS, np.inf) for e in range(1, k + 1))
                      for rows in by_epoch])  # fmt: skip
+    flagged = answer[keys.ANSWER_OOD].to_numpy(bool)
     return {
         "runs": len(records),
         "tau": stats.kendalltau(actual, point).statistic,
+        "tau unflagged": stats.kendalltau(actual[~flagged], point[~flagged]).statistic,
+        "tau flagged": stats.kendalltau(actual[flagged], point[flagged]).statistic,
         "rho": stats.spearmanr(actual, point).statistic,
         "mae_points": 100 * np.abs(actual - point).mean(),
         "coverage80": np.mean((low <= actual) & (actual <= high)),
-        "flagged": answer[keys.ANSWER_OOD].astype(bool).mean(),
+        "flagged": flagged.mean(),
         "tau val_acc@k": stats.kendalltau(actual, val_acc).statistic,
         "tau -train_loss.sum": stats.kendalltau(actual, -np.nan_to_num(loss, nan=np.inf)).statistic,
     }

@@ -1,7 +1,8 @@
 """Predictor quality on a population, next to its baselines, and the serving latency.
 
     python bench/predictor_quality.py [--tracking-uri sqlite:///mlflow.db]
-        [--experiment population] [--ks 1 2 3 5] [--folds 5] [--requests 200]
+        [--experiment population] [--outside offgrid] [--ks 1 2 3 5] [--folds 5]
+        [--sets graph curve+hparams ...] [--requests 200]
 
 Reads the finished runs of the population (``python train.py -m +experiment=population``, made
 once, then reused). For each k and each feature set: out-of-fold predictions from grouped
@@ -10,7 +11,11 @@ their R², MAE (accuracy points), Spearman ρ and Kendall τ, on all runs and on
 ones (final accuracy > 0.5); next to the baselines a sweep would use anyway: ranking by
 ``val_acc`` at epoch k, and by minus the summed training loss (training speed, Ru et al.
 2021). Width transfer: fitted on the narrower half of the widths, scored on the wider half.
-The noise ceiling: how well one seed's final accuracy ranks its twin's. Then the latency of
+Leave one architecture out: fitted on the other model families, scored on one, pooled. Outside:
+fitted on the whole population, scored on another sweep (``--outside``). The noise ceiling:
+how well one seed's final accuracy ranks its twin's, per protocol on the runs it scores; and
+the graph's gain, τ of graph+curve+hparams minus curve+hparams, with a 95% bootstrap interval
+over configurations. Then the latency of
 the k=3 combined model: 200 single-row requests to ``mlflow models serve`` on loopback, and
 in-process pyfunc predictions. Ends with one JSON line.
 """
@@ -32,6 +37,7 @@ import polars as pl
 import requests
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
+from scipy import stats
 from sklearn.model_selection import GroupKFold
 
 from mlflow_tg.config import compose_config
@@ -71,27 +77,45 @@ def out_of_fold(dataset, columns, folds: int, cfg) -> np.ndarray:
     return predicted
 
 
-def evaluate_k(records, k: int, cfg, folds_count: int, outside: list | None = None) -> dict:
-    """Every feature set and both baselines at one k, in three protocols.
+def evaluate_k(
+    records, k: int, cfg, folds_count: int, outside: list | None = None, sets: list | None = None
+) -> dict:
+    """Every feature set and both baselines at one k, in four protocols.
 
-    Cross-validated, width-transferred and, given runs of another sweep (``outside``), fitted
-    on the whole population and scored on that sweep.
+    Cross-validated (``cv``), width-transferred (``transfer``), leave-one-architecture-out
+    (``architecture``: fitted on the other model families, scored on one, pooled over the
+    families) and, given runs of another sweep (``outside``), fitted on the whole population
+    and scored on that sweep. Keeps each protocol's scored runs and predictions (``scored``) for
+    the graph's gain and the seed-twin ceilings.
     """
     population = build_dataset(records, k, "+".join(FEATURE_SETS))
     narrow, transfer = transfer_split(population.frame["run_width"].to_list())
     wide = ~narrow if narrow.any() else narrow  # one width: no transfer, NaN scores
     y = population.column(TARGET)
+    families = population.frame["model"].to_numpy()
     both, away = with_outside(population, outside or [], k)
-    rows = {}
-    for sets in SETS:
-        columns = columns_of(population.feature_columns, sets)
-        predicted = out_of_fold(population, columns, folds_count, cfg)
-        rows[sets] = {"cv": quality_by_subset(y, predicted, NONTRIVIAL)}
-        transferred = fit_and_score(population, columns, narrow, cfg)[1] if wide.any() else y[wide]
-        rows[sets]["transfer"] = quality_by_subset(y[wide], transferred, NONTRIVIAL)
+    scored_rows = {"cv": np.ones(len(y), dtype=bool), "transfer": wide,
+                   "architecture": np.ones(len(y), dtype=bool)}  # fmt: skip
+    rows, predictions = {}, {}
+    for name in sets or SETS:
+        columns = columns_of(population.feature_columns, name)
+        predictions[name] = {
+            "cv": out_of_fold(population, columns, folds_count, cfg),
+            "transfer": fit_and_score(population, columns, narrow, cfg)[1]
+            if wide.any()
+            else y[wide],
+            "architecture": leave_one_family_out(population, columns, families, cfg),
+        }
         if away.any():
-            scored = fit_and_score(both, columns, ~away, cfg)[1]
-            rows[sets]["outside"] = quality_by_subset(both.column(TARGET, away), scored, NONTRIVIAL)
+            predictions[name]["outside"] = fit_and_score(both, columns, ~away, cfg)[1]
+        rows[name] = {
+            protocol: quality_by_subset(
+                both.column(TARGET, away) if protocol == "outside" else y[scored_rows[protocol]],
+                predicted,
+                NONTRIVIAL,
+            )
+            for protocol, predicted in predictions[name].items()
+        }
     baselines = {f"val_acc@{k}": f"val_acc@{k}"}
     if k >= 1:
         baselines[f"-train_loss.sum@1..{k}"] = "train_loss.sum"
@@ -99,8 +123,8 @@ def evaluate_k(records, k: int, cfg, folds_count: int, outside: list | None = No
         sign = -1 if column == "train_loss.sum" else 1  # less loss, faster training: ranks first
         score = np.nan_to_num(sign * population.column(column), nan=-np.inf)  # none: ranks last
         rows[name] = {
-            "cv": quality_by_subset(y, score, NONTRIVIAL),
-            "transfer": quality_by_subset(y[wide], score[wide], NONTRIVIAL),
+            protocol: quality_by_subset(y[chosen], score[chosen], NONTRIVIAL)
+            for protocol, chosen in scored_rows.items()
         }
         if away.any():
             score = np.nan_to_num(sign * both.column(column, away), nan=-np.inf)
@@ -109,12 +133,65 @@ def evaluate_k(records, k: int, cfg, folds_count: int, outside: list | None = No
             for subsets in rows[name].values():
                 for scores in subsets.values():
                     scores["r2"] = scores["mae_points"] = float("nan")
+    scored = {protocol: scored_runs(population, chosen) for protocol, chosen in scored_rows.items()}
+    if away.any():
+        scored["outside"] = scored_runs(both, away)
     return {
         "runs": population.frame.height,
         "left_out": population.left_out,
         "transfer": transfer,
         "rows": rows,
+        "scored": scored,
+        "predictions": predictions,
     }
+
+
+def leave_one_family_out(dataset, columns, families: np.ndarray, cfg) -> np.ndarray:
+    """Each run's prediction by the model fitted on the runs of the other model families."""
+    predicted = np.full(len(families), np.nan)  # one family: nothing to fit on
+    if len(np.unique(families)) < 2:
+        return predicted
+    for family in np.unique(families):
+        held = families == family
+        predicted[held] = fit_and_score(dataset, columns, ~held, cfg)[1]
+    return predicted
+
+
+def scored_runs(dataset, chosen: np.ndarray) -> dict[str, np.ndarray]:
+    """The final accuracy, configuration and seed of the runs a protocol scores."""
+    frame = dataset.frame.filter(pl.Series(chosen))
+    return {
+        "actual": frame[TARGET].to_numpy(),
+        "group": frame["group"].to_numpy(),
+        "seed": frame["seed"].to_numpy(),
+    }
+
+
+def graph_gain(actual, groups, with_graph, without, draws: int = 1000, seed: int = 0) -> dict:
+    """τ(with the graph) − τ(without), and its 95% bootstrap interval over configurations.
+
+    Configurations, not runs, are resampled: seed-twins are not independent draws.
+    """
+    if len(actual) < 3 or np.isnan(with_graph).any() or np.isnan(without).any():
+        return dict.fromkeys(("gain", "low", "high"), np.nan)  # nothing scored
+    by_group = {}
+    for i, group in enumerate(groups):
+        by_group.setdefault(group, []).append(i)
+    members = list(by_group.values())
+    rng = np.random.default_rng(seed)
+
+    def gain(rows) -> float:
+        return (
+            stats.kendalltau(actual[rows], with_graph[rows]).statistic
+            - stats.kendalltau(actual[rows], without[rows]).statistic
+        )
+
+    draws_ = []
+    for _ in range(draws):
+        picked = rng.integers(len(members), size=len(members))
+        draws_.append(gain(np.concatenate([members[j] for j in picked])))
+    low, high = np.nanpercentile(draws_, [2.5, 97.5])
+    return {"gain": gain(np.arange(len(actual))), "low": low, "high": high}
 
 
 def with_outside(population, outside: list, k: int):
@@ -154,6 +231,25 @@ def print_gaps(result: dict) -> None:
             inside = splits["cv"]["all"]["kendall_tau"]
             away = splits["outside"]["all"]["kendall_tau"]
             print(f"{name:<26}{inside:>9.3f}{away:>13.3f}{away - inside:>+8.3f}")
+
+
+def print_protocols(result: dict) -> None:
+    """Per protocol: the seed-twin ceiling and the graph's gain with its 95% interval."""
+    with_graph, without = "graph+curve+hparams", "curve+hparams"
+    predictions = result["predictions"]
+    print(f"{'protocol':<14}{'runs':>6}{'twin tau':>10}{'tau with graph':>16}{'without':>9}"
+          f"{'gain':>8}{'95% interval':>18}")  # fmt: skip
+    for protocol, runs in result["scored"].items():
+        twins = seed_twin_agreement(runs["group"], runs["seed"], runs["actual"])["kendall_tau"]
+        line = f"{protocol:<14}{len(runs['actual']):>6}{twins:>10.3f}"
+        if with_graph in predictions and without in predictions:
+            a, b = predictions[with_graph][protocol], predictions[without][protocol]
+            g = graph_gain(runs["actual"], runs["group"], a, b)
+            tau_a = result["rows"][with_graph][protocol]["all"]["kendall_tau"]
+            tau_b = result["rows"][without][protocol]["all"]["kendall_tau"]
+            line += f"{tau_a:>16.3f}{tau_b:>9.3f}{g['gain']:>+8.3f}"
+            line += f"   [{g['low']:+.3f}, {g['high']:+.3f}]"
+        print(line)
 
 
 def save_combined_model(records, cfg, folder: Path) -> tuple[str, dict]:
@@ -212,6 +308,7 @@ def main() -> None:
         "--ks", type=int, nargs="*", default=[1, 2, 3, 5], help="none: latency only"
     )
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--sets", nargs="*", default=SETS, help="feature sets to score")
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()
     cfg = compose_config([], name="predictor")
@@ -239,9 +336,10 @@ def main() -> None:
               "the whole population ('outside')")  # fmt: skip
     results = {}
     for k in args.ks:
-        results[k] = evaluate_k(records, k, cfg, args.folds, outside)
+        results[k] = evaluate_k(records, k, cfg, args.folds, outside, args.sets)
         print_k(k, results[k])
         print_gaps(results[k])
+        print_protocols(results[k])
     with tempfile.TemporaryDirectory() as tmp:
         model_path, row = save_combined_model(records, cfg, Path(tmp))
         speed = latency(model_path, row, args.requests)
@@ -252,7 +350,7 @@ def main() -> None:
         f"{endpoint['p99_ms']:.2f} ms; in-process median {local['median_ms']:.2f} ms, p99 "
         f"{local['p99_ms']:.2f} ms"
     )
-    quality = {str(k): v for k, v in results.items()}
+    quality = {str(k): v["rows"] for k, v in results.items()}
     summary = {"runs": len(records), "noise_ceiling": twins, "latency": speed, "quality": quality}
     print(json.dumps(summary))
 

@@ -3,7 +3,8 @@
     store = small_store.make_store(DEFAULT_STORE)   # reused when it is already there
 
 ``python train.py -m model=mlp width=2 epochs=3 optimizer.lr=… seed=0,1`` (default graph
-capture, no node tables), then ``python -m mlflow_tg.predictor`` with k=2 and ks=[1,2,3],
+capture, no node tables), then ``python -m mlflow_tg.predictor`` with k=2 and ks=[1,2,3] on
+graph+curve+hparams (the set that reads the most columns: the slowest request),
 CatBoost as conf/predictor.yaml (600 trees of depth 6: a registered model of the real size).
 The job needs 8 runs and 3 held out at least, so not a single run.
 """
@@ -41,6 +42,7 @@ def make_store(folder: Path) -> dict[str, str]:
     if not client.search_registered_models(f"name = '{MODEL}'"):
         subprocess.run(
             [sys.executable, "-m", "mlflow_tg.predictor", "k=2", "ks=[1,2,3]",
+             "feature_sets=graph+curve+hparams", "compare_sets=[graph+curve+hparams]",
              "holdout_fraction=0.4", f"hydra.run.dir={folder / 'out'}", *tracking],
             cwd=folder, check=True, capture_output=True,
         )  # fmt: skip

@@ -57,6 +57,10 @@ VERSION, GIT_COMMIT = "mlflow_tg.version", "mlflow_tg.git_commit"
 CONFIG_ID = "mlflow_tg.config_id"  # a hash of the config without the seed: seed-twins share it
 ERROR = "mlflow_tg.error"
 KILLED_BY = "mlflow_tg.killed_by"  # SIGINT (Ctrl-C) or SIGTERM, on a run that ended KILLED
+# A running run's last sign of life (UTC, ISO 8601 to the second), renewed every
+# tracking.heartbeat_s; `mlflow-tg reap` ends runs whose heartbeat is stale KILLED and says why
+# in REAPED.
+HEARTBEAT, REAPED = "mlflow_tg.heartbeat", "mlflow_tg.reaped"
 DIVERGED, DIVERGED_EPOCH = "diverged", "mlflow_tg.diverged_epoch"
 CAPTURE_SKIPPED = "mlflow_tg.capture_skipped_epochs"
 PREDICTED_BY = "mlflow_tg.predicted_by"
@@ -94,6 +98,7 @@ KS_TAG = "mlflow_tg.ks"  # the windows a version answers from, comma-separated (
 HOLDOUT_SEED_TAG, HOLDOUT_FRACTION_TAG = "mlflow_tg.holdout_seed", "mlflow_tg.holdout_fraction"
 MODEL_VERSION, ALIAS = "mlflow_tg.model_version", "mlflow_tg.alias"
 COMPARISON, WIDTH_TRANSFER = "mlflow_tg.comparison", "mlflow_tg.width_transfer"
+SETS_CHOICE = "mlflow_tg.feature_sets_choice"  # why the registered version uses its feature set
 COMPARISON_PREFIX = "comparison/"
 # The predictor run's artifacts: tables (parquet), figures, and its training set as a dataset.
 QUALITY_TABLE, TRAINING_TABLE, IMPORTANCE_TABLE = "quality", "training_table", "feature_importance"

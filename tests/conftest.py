@@ -129,10 +129,14 @@ def store_job(store: dict[str, str], experiment: str, *overrides: str) -> DictCo
 
 
 def predictor_config(store: dict[str, str], *overrides: str) -> DictConfig:
-    """The real predictor config, shrunk: k=2 (windows 1..3), a small CatBoost, the store."""
+    """The real predictor config, shrunk: k=2 (windows 1..3), a small CatBoost, the store.
+
+    The registered set is fixed (not ``auto``), so that tests know which metrics it reads.
+    """
     return compose_config(
         [
             "k=2",
+            "feature_sets=graph+curve+hparams",
             "ks=[1,2,3]",
             "catboost.iterations=60",
             "catboost.thread_count=1",
@@ -151,3 +155,14 @@ def champion(population) -> dict:
     from mlflow_tg.predictor.job import fit_predictor
 
     return fit_predictor(predictor_config(population))
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the machine's cores are shared with other processes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,11 +1,15 @@
-"""Servers the tests start for real: an MLflow tracking server, ``mlflow models serve``."""
+"""Servers the tests start for real: an MLflow tracking server, ``mlflow models serve``, a
+throwaway PostgreSQL cluster."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,3 +69,60 @@ def stop_group(process: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def mlflow_server_command(store: str, artifacts: Path, port: int, workers: int = 1) -> list[str]:
+    """``mlflow server`` on ``store`` (a backend URI), serving artifacts from ``artifacts``."""
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", store,
+        "--artifacts-destination", str(artifacts),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+    ]  # fmt: skip
+
+
+def crash(process: subprocess.Popen) -> None:
+    """SIGKILL a server's whole process group, as a crash or the OOM killer would end it."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def postgres_bin() -> Path | None:
+    """Debian's newest /usr/lib/postgresql/N/bin with initdb, if any."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: float(p.parents[1].name))  # fmt: skip
+    return found[-1].parent if found else None
+
+
+def can_run_postgres() -> bool:
+    """Whether a throwaway cluster can be made here: root, Debian's PostgreSQL, runuser."""
+    return os.geteuid() == 0 and postgres_bin() is not None and bool(shutil.which("runuser"))
+
+
+def as_postgres(*command: str) -> None:
+    subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True, capture_output=True)
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[tuple[int, Path]]:
+    """A PostgreSQL cluster of its own: (port, socket folder); stopped and removed after.
+
+    initdb and pg_ctl run as the ``postgres`` user (PostgreSQL refuses root) in a folder it
+    owns, on a free loopback port: the machine's own cluster is never touched.
+    """
+    binaries = postgres_bin()
+    folder = Path(tempfile.mkdtemp(prefix="mlflow_tg_pg.", dir="/tmp"))
+    shutil.chown(folder, "postgres")
+    folder.chmod(0o700)
+    port, data = free_port(), folder / "data"
+    try:
+        as_postgres(str(binaries / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth-local=peer", "--auth-host=scram-sha-256")  # fmt: skip
+        options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={folder}"
+        as_postgres(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"),
+                    "-w", "-o", options, "start")  # fmt: skip
+        yield port, folder
+    finally:
+        if (data / "postmaster.pid").exists():
+            as_postgres(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -259,4 +259,5 @@ def test_cli_unknown_model_lists_the_choices_and_exits_2(tmp_path: Path):
     assert result.returncode == 2
     assert "Could not find 'model/transformer'" in result.stderr
     options = result.stderr.split("Available options in 'model':")[1].split("Config search")[0]
-    assert options.split() == ["lenet", "mlp", "resnet", "vgg"]  # the schemas are not options
+    # the schemas are not options; torchvision and custom come from the ConfigStore
+    assert options.split() == ["custom", "lenet", "mlp", "resnet", "torchvision", "vgg"]

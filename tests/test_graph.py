@@ -248,8 +248,14 @@ def test_sum_of_two_shared_tensors_gets_vertices_of_its_own():
 
 
 class Transposed(nn.Module):
+    """A convolution after a transpose: its channels are no longer on dimension 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 2, 1), nn.Conv2d(2, 2, 1)
+
     def forward(self, x):
-        return torch.transpose(x, 1, 2)
+        return self.conv(torch.transpose(self.stem(x), 1, 2))
 
 
 class Reduced(nn.Module):
@@ -264,11 +270,11 @@ class Reduced(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """conv(x) · γ, with γ a learnable per-channel scale."""
+    """conv(x) · γ, with γ a learnable scale per channel and position: no per-channel scale."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv, self.gamma = nn.Conv2d(1, 2, 1), nn.Parameter(torch.ones(2, 1, 1))
+        self.conv, self.gamma = nn.Conv2d(1, 2, 1), nn.Parameter(torch.ones(2, 2, 2))
 
     def forward(self, x):
         return self.conv(x) * self.gamma
@@ -286,8 +292,8 @@ class DataDependent(nn.Module):
 @pytest.mark.parametrize(
     ("model", "input_shape", "named"),
     [
-        (nn.Sequential(nn.Conv2d(1, 2, 1), Transposed()), (1, 2, 2), "'transpose'"),
-        (nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), (2,), "of type LayerNorm"),
+        (Transposed(), (1, 2, 2), "convolution 'conv' of a tensor whose channels are on"),
+        (nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2)), (2,), "of type GroupNorm"),
         (nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(2, 2)), (1, 2, 2), "non-flattened"),
         (DataDependent(), (2,), "torch.fx cannot trace DataDependent"),
         (nn.Sequential(nn.ReLU()), (2,), "no Conv or Linear layer"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,9 +25,9 @@ from mlflow_tg import keys
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
-from mlflow_tg.predictor.evaluate import compare, in_holdout
-from mlflow_tg.predictor.features import categorical_columns, columns_of, hparam_features
-from mlflow_tg.predictor.fit import fit
+from mlflow_tg.predictor.evaluate import best_set, compare, in_holdout
+from mlflow_tg.predictor.features import categorical_columns, columns_of, hparam_features, set_of
+from mlflow_tg.predictor.fit import fit, keep_every_set
 from mlflow_tg.predictor.job import fit_predictor
 from mlflow_tg.predictor.model import PARAM_KEYS, RunPredictor, fitted_window, model_input
 from mlflow_tg.predictor.registry import (
@@ -97,9 +98,10 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     assert specs["run_id"].required and specs["epoch"].required
     predictor = registered(population, champion["version"])
     assert predictor.ks == [1, 2, 3]
-    kept = predictor_config(population).max_features
-    assert all(len(window.columns) == kept for window in predictor.windows.values())
+    kept = predictor_config(population).max_features  # plus, at most, one per set dropped
+    assert all(kept <= len(window.columns) <= kept + 2 for window in predictor.windows.values())
     metrics = {metric for window in predictor.windows.values() for metric in window.metrics}
+    assert metrics == set(predictor.windows[2].metrics)  # the other windows read k's metrics
     assert set(specs) == {"run_id", "epoch", *metrics, *PARAM_KEYS}
     assert {(specs[m].type.name, specs[m].required) for m in metrics} == {("double", False)}
     assert {(specs[p].type.name, specs[p].required) for p in PARAM_KEYS} == {("string", False)}
@@ -199,12 +201,14 @@ def test_a_better_model_takes_the_champion_alias(population):
         ("max_features=-5", "max_features=-5"),
         ("ks=[1,3]", "is not allowed with k=2: ks lists"),
         ("catboost.loss_function=RMSE", "catboost.loss_function='RMSE'"),
+        ("compare_sets=[]", "compare_sets=[] is not allowed"),
+        ("compare_sets=[graph,weights]", "'weights'"),
     ],
 )
 def test_bad_predictor_config_is_refused_before_reading_runs(tmp_path, override, named):
     cfg = predictor_config({"uri": f"sqlite:///{tmp_path}/x.db", "artifacts": str(tmp_path)},
                            override)  # fmt: skip
-    with pytest.raises(ConfigError, match=named.replace("+", r"\+")):
+    with pytest.raises(ConfigError, match=re.escape(named)):
         fit_predictor(cfg)
     assert not (tmp_path / "x.db").exists()
 
@@ -261,7 +265,9 @@ def test_fit_keeps_the_most_important_features_and_the_dataset_keeps_width(popul
     assert "width" in dataset.feature_columns  # a feature, not shadowed by run metadata
     x, y = dataset.matrix(dataset.feature_columns), dataset.column("test_acc")
     kept = fit(x, y, predictor_config(population, "max_features=10"))
-    assert len(kept.feature_names_) == 10 and set(kept.feature_names_) <= set(x.columns)
+    sets = {set_of(column) for column in kept.feature_names_}
+    assert sets == {"graph", "curve", "hparams"}  # a set selection drops keeps its best column
+    assert 10 <= len(kept.feature_names_) <= 12 and set(kept.feature_names_) <= set(x.columns)
     assert kept.feature_names_ == [c for c in x.columns if c in kept.feature_names_]  # in order
     everything = fit(x, y, predictor_config(population, "max_features=0"))
     assert everything.feature_names_ == list(x.columns)
@@ -359,6 +365,47 @@ def test_a_column_based_champion_cannot_score_runs_and_is_replaced_naming_why(po
     assert verdict.startswith(f"champion v{column_based.version} cannot be used (RegistryError: ")
     assert "is a column-based model (flavors: catboost, python_function" in verdict
     assert "it cannot score runs" in verdict and "so the new version replaces it" in verdict
+
+
+@pytest.mark.slow
+def test_auto_registers_the_compared_set_best_on_held_out_runs_and_logs_why(population):
+    name = "tg-auto-set"
+    cfg = predictor_config(
+        population, "feature_sets=auto", "compare_sets=[hparams,curve]", f"registered_model={name}"
+    )
+    result = fit_predictor(cfg)
+    run = MlflowClient().get_run(result["run_id"])
+    scores = {s: run.data.metrics[f"holdout/{s}/all/kendall_tau"] for s in ("hparams", "curve")}
+    best = max(scores, key=scores.get)
+    assert run.data.params["feature_sets"] == best
+    assert run.data.params["feature_sets.requested"] == "auto"
+    version = MlflowClient().get_model_version(name, result["version"])
+    assert FeatureSpec.of_version(version).sets == best
+    choice = run.data.tags["mlflow_tg.feature_sets_choice"]
+    assert choice.startswith(f"best held-out kendall_tau on all runs ({best} ")
+    assert f"{min(scores, key=scores.get)} " in choice
+
+
+def test_the_best_set_wins_ties_go_to_the_first_and_nan_never_wins():
+    def scores(tau: float) -> dict:
+        return {"holdout": {"all": {"kendall_tau": tau}}}
+
+    quality = {"graph": scores(0.5), "curve": scores(0.7), "hparams": scores(math.nan)}
+    chosen, why = best_set(quality, ["hparams", "graph", "curve"], "kendall_tau")
+    assert chosen == "curve"
+    assert why == "best held-out kendall_tau on all runs (curve 0.700, graph 0.500, hparams nan)"
+    assert best_set(quality | {"graph": scores(0.7)}, ["graph", "curve"], "kendall_tau")[0] == (
+        "graph"
+    )
+
+
+def test_selection_that_drops_a_whole_set_keeps_its_last_eliminated_column(caplog):
+    columns = ["val_acc@1", "width", "log10_lr", "tg.strength/gini@1", "val_loss@1"]
+    with caplog.at_level(logging.WARNING, logger="mlflow_tg.predictor.fit"):
+        kept = keep_every_set(columns, selected=[0, 3], eliminated=[1, 4, 2])
+    assert kept == [0, 2, 3]  # log10_lr: the hparams column eliminated last
+    assert "dropped every hparams column; keeping its most useful one, log10_lr" in caplog.text
+    assert keep_every_set(columns, selected=[0, 1, 3], eliminated=[4, 2]) == [0, 1, 3]
 
 
 @pytest.mark.slow

@@ -7,12 +7,9 @@ the machine's own cluster is never touched.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,42 +20,18 @@ from mlflow import MlflowClient
 from mlflow_tg import keys
 from mlflow_tg.tracking import server
 from tests.conftest import CONF_DIR
-from tests.servers import answers, free_port
+from tests.servers import answers, can_run_postgres, free_port, throwaway_postgres
 
 ROOT = CONF_DIR.parent
-
-
-def postgres_bin() -> Path | None:
-    """Debian's newest /usr/lib/postgresql/N/bin with initdb, if any."""
-    found = sorted(server.PG_BIN.glob("*/bin/initdb"), key=lambda p: float(p.parents[1].name))
-    return found[-1].parent if found else None
-
-
-def as_postgres(*command: str) -> None:
-    subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[tuple[int, Path]]:
     """A throwaway PostgreSQL cluster: (port, socket folder); stopped and removed after."""
-    binaries = postgres_bin()
-    if os.geteuid() != 0 or binaries is None or shutil.which("runuser") is None:
+    if not can_run_postgres():
         pytest.skip("needs root and Debian's PostgreSQL (apt-get install postgresql)")
-    folder = Path(tempfile.mkdtemp(prefix="mlflow_tg_pg.", dir="/tmp"))
-    shutil.chown(folder, "postgres")
-    folder.chmod(0o700)
-    port, data = free_port(), folder / "data"
-    try:
-        as_postgres(str(binaries / "initdb"), "-D", str(data), "-U", "postgres",
-                    "--auth-local=peer", "--auth-host=scram-sha-256")  # fmt: skip
-        options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={folder}"
-        as_postgres(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"),
-                    "-w", "-o", options, "start")  # fmt: skip
-        yield port, folder
-    finally:
-        if (data / "postmaster.pid").exists():
-            as_postgres(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
+    with throwaway_postgres() as found:
+        yield found
 
 
 def settings_for(postgres: tuple[int, Path], state: Path, password: str) -> server.Settings:
@@ -128,3 +101,80 @@ def test_make_targets_call_the_module():
         recipe = re.search(rf"^server-{target}:.*\n\t(.+)$", makefile, re.MULTILINE).group(1)
         assert f"-m mlflow_tg.tracking.server {target}" in recipe
     assert (ROOT / ".gitignore").read_text().count("/.server/") == 1
+
+
+def test_basic_auth_refuses_to_start_without_an_admin_password(tmp_path, monkeypatch):
+    settings = server.Settings(port=free_port(), state_dir=tmp_path / "state", auth=True)
+    for value in (None, "short", server.LEGACY_PASSWORD):
+        if value is None:
+            monkeypatch.delenv(server.ADMIN_PASSWORD_ENV, raising=False)
+        else:
+            monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, value)
+        with pytest.raises(server.ServerError) as error:
+            server.start(settings)
+        assert server.ADMIN_PASSWORD_ENV in str(error.value)
+        assert "nothing was started" in str(error.value)
+        assert not settings.pid_file.exists() and not settings.postgres_file.exists()
+
+
+def test_the_auth_config_holds_no_password_and_only_its_owner_reads_it(tmp_path, monkeypatch):
+    password = "a-long-admin-secret"
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, password)
+    settings = server.Settings(state_dir=tmp_path / "state", auth=True)
+    env = server.auth_environment(settings)
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == password
+    assert password not in settings.auth_file.read_text()
+    assert settings.auth_file.stat().st_mode & 0o077 == 0
+    assert "--app-name" in server.server_command(settings)
+    assert password not in " ".join(server.server_command(settings))
+    assert (
+        server.auth_environment(settings)["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+        == (env["MLFLOW_FLASK_SERVER_SECRET_KEY"])
+    )  # one key across restarts
+
+
+@pytest.mark.slow
+def test_a_reader_of_an_experiment_reads_it_and_cannot_write(postgres, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    admin_password = "the admin's own secret"
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, admin_password)
+    settings = settings_for(postgres, tmp_path / "state", "db password")
+    settings.auth = True
+    server.start(settings)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_password)
+        admin = MlflowClient(settings.url)
+        experiment = admin.create_experiment("shared")
+        run_id = admin.create_run(experiment).info.run_id
+        admin.log_metric(run_id, "val_acc", 0.5)
+        users = AuthServiceClient(settings.url)
+        users.create_user("reader", "reader's password")
+        users.grant_user_permission("reader", "experiment", experiment, "READ")
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "reader's password")
+        reader = MlflowClient(settings.url)
+        assert reader.get_experiment(experiment).name == "shared"
+        (run,) = reader.search_runs([experiment])
+        assert run.data.metrics == {"val_acc": 0.5}
+        for write in (
+            lambda: reader.create_run(experiment),
+            lambda: reader.log_metric(run_id, "val_acc", 0.9),
+            lambda: reader.set_tag(run_id, "mine", "no"),
+        ):
+            with pytest.raises(MlflowException) as error:
+                write()
+            assert error.value.get_http_status_code() == 403, error.value
+        assert admin.get_run(run_id).data.metrics == {"val_acc": 0.5}
+
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a wrong password")
+        with pytest.raises(MlflowException) as error:
+            MlflowClient(settings.url).get_experiment(experiment)
+        assert error.value.get_http_status_code() == 401
+        pid = server.running_pid(settings)
+        assert admin_password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        server.stop(settings)

@@ -8,6 +8,7 @@ error into a one-paragraph ``ConfigError``); ranges by the schemas' ``__post_ini
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 import types
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ from enum import Enum
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -25,9 +26,10 @@ from omegaconf.errors import (
     OmegaConfBaseException,
     ValidationError,
 )
+from torch import nn
 
-from mlflow_tg.config.build import build_from_config
-from mlflow_tg.config.schema import Config, as_override
+from mlflow_tg.config.build import LABEL_KEYS, build_from_config
+from mlflow_tg.config.schema import MODEL_OPTIONS, Config, as_override
 from mlflow_tg.errors import ConfigError
 
 # SQLAlchemy driver of a database tracking URI (``dialect+driver://``): module, pip package.
@@ -38,6 +40,8 @@ DB_DRIVERS = {
     "pymysql": ("pymysql", "PyMySQL"),
 }
 DEFAULT_DB_DRIVER = {"postgresql": "psycopg2", "mysql": "mysqldb"}
+# What every model builder is called with besides its own keys: the width knob and the data's shape.
+MODEL_SIZE_ARGUMENTS = ("width", "in_channels", "image_size", "num_classes")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -49,6 +53,7 @@ def check_config(cfg: DictConfig) -> None:
     """
     if OmegaConf.get_type(cfg) is not Config:
         raise TypeError("check_config needs the training config composed from conf/config.yaml")
+    check_builtin_target(cfg.model)
     for key, schema in unknown_keys(cfg):
         raise unknown_key_error(key, f"={OmegaConf.select(cfg, key)!r}", schema)
     try:
@@ -57,13 +62,15 @@ def check_config(cfg: DictConfig) -> None:
         raise (translate_error(error) or ConfigError(first_line(error))) from None
     check_device(typed.device)
     check_tracking_uri(typed.tracking.uri)
+    if is_open(OmegaConf.get_type(cfg.model)):
+        check_custom_target(cfg.model)
     check_model_fits(cfg)
 
 
 def unknown_keys(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, type]]:
     """(dotted key, schema) of each key of ``node`` or its groups that the schema lacks."""
     schema = OmegaConf.get_type(node)
-    declared = declared_keys(schema, hidden=True)
+    declared = None if is_open(schema) else declared_keys(schema, hidden=True)
     for key, child in node.items_ex(resolve=False):
         if declared is not None and key not in declared:
             yield f"{prefix}{key}", schema
@@ -130,24 +137,168 @@ def check_tracking_uri(uri: str) -> None:
     )
 
 
+def is_open(schema: Any) -> bool:
+    """Whether a schema takes keys it does not declare (``model=custom``: the target's own)."""
+    return bool(getattr(schema, "OPEN", False))
+
+
+def check_builtin_target(model: DictConfig) -> None:
+    """Refuse a built-in model option whose ``_target_`` was replaced on the command line.
+
+    Its other keys (``blocks_per_stage``…) would go to the new target; ``model=custom`` is the
+    option for a network of one's own.
+    """
+    schema = OmegaConf.get_type(model)
+    default = next((f.default for f in fields(schema) if f.name == "_target_"), NO_DEFAULT)
+    target = model.get("_target_")
+    if is_open(schema) or default in (NO_DEFAULT, MISSING, None) or target == default:
+        return
+    keys = [key for key in declared_keys(schema) or [] if key != "name"]
+    raise ConfigError(
+        f"model._target_={target} is not allowed with model={model.get('name')}: that option "
+        f"builds {default} and would pass it its own keys ({', '.join(keys) or 'none'}). For "
+        f"a network of your own use model=custom model._target_={target} (with +model.KEY=… "
+        "for its arguments)."
+    )
+
+
+def check_custom_target(model: DictConfig) -> None:
+    """``model._target_`` of ``model=custom`` imports and accepts the arguments it will get."""
+    path = model._target_
+    try:
+        target = locate(path)
+    except Exception as error:  # any failure to import the user's module is bad input here
+        raise ConfigError(
+            f"model._target_={path} is not allowed: it cannot be imported "
+            f"({type(error).__name__}: {first_line(error)}). Give the dotted path of an "
+            "nn.Module class, or of a function that returns one, that train.py's Python can "
+            "import: installed, or on PYTHONPATH (model._target_=my_package.MyNet)."
+        ) from None
+    given = [*MODEL_SIZE_ARGUMENTS, *(key for key in model if not is_builder_key(key))]
+    missing = unaccepted(target, given)
+    if missing:
+        raise ConfigError(
+            f"model._target_={path} is not allowed: it does not take {', '.join(missing)}. "
+            f"model=custom calls it with {', '.join(MODEL_SIZE_ARGUMENTS)} (the data's shape; "
+            "it may ignore them) and with each +model.KEY=… as KEY: add those parameters (or "
+            "**kwargs), or point model._target_ at a function that builds your network."
+        )
+
+
+def locate(path: str) -> Any:
+    """The object a dotted path names: the longest importable module, then its attributes.
+
+    Like Hydra's own lookup, without the error Hydra logs before raising.
+    """
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not module_name.startswith(error.name):
+                raise  # a module that exists failed to import one of its own
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(found, attribute):
+                raise AttributeError(f"{module_name} has no {'.'.join(parts[split:])!r}")
+            found = getattr(found, attribute)
+        return found
+    raise ModuleNotFoundError(f"no module named {parts[0]!r}")
+
+
+def is_builder_key(key: Any) -> bool:
+    """Keys of a model node that are not passed to its target (``_target_``, ``name``)."""
+    return str(key).startswith("_") or key in LABEL_KEYS
+
+
+def unaccepted(target: Any, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that ``target`` cannot take as keyword arguments."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the build will tell
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return []
+    keywords = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return [name for name in names if name not in keywords]
+
+
 def check_model_fits(cfg: DictConfig) -> None:
     """Build the model on the meta device (no memory) and pass a batch through it.
 
     Refuses an image size the network's pooling shrinks to nothing. Input channels and classes
-    do not change the shapes, so one channel and ten classes stand in for the data's.
+    do not change the shapes, so one channel and ten classes stand in for the data's. A
+    network that cannot be built or run on the meta device (it reads a value: torchvision's
+    RegNets size their stages with ``.tolist()``) is built and run on the CPU instead.
+    """
+    try:
+        try:
+            model = fitted_model(cfg, torch.device("meta"))
+        except (RuntimeError, NotImplementedError) as error:
+            generic = OmegaConf.get_type(cfg.model) in MODEL_OPTIONS.values()
+            if not generic or "meta" not in str(error):
+                raise
+            model = fitted_model(cfg, torch.device("cpu"))
+    except (ValueError, RuntimeError, AssertionError, TypeError, NotImplementedError) as error:
+        raise model_error(cfg, error) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model._target_={cfg.model._target_} is not allowed: it returned a "
+            f"{type(model).__name__}, not a torch.nn.Module."
+        )
+
+
+def fitted_model(cfg: DictConfig, device: torch.device) -> Any:
+    """The model built for one-channel images of the data's size, after a batch of two.
+
+    TypeError unless the batch gives logits of shape (2, classes): the loop's loss needs them.
     """
     size = cfg.data.image_size
-    try:
-        with torch.device("meta"):
-            model = build_from_config(
-                cfg.model, width=cfg.width, in_channels=1, image_size=size, num_classes=10
-            )
-            model.eval()(torch.empty(2, 1, size, size))
-    except (ValueError, RuntimeError) as error:
-        raise ConfigError(
-            f"data.image_size={size} is not allowed with model={cfg.model.name}: "
-            f"{first_line(error)}. Use a larger data.image_size or another model."
-        ) from None
+    with torch.device(device):
+        model = build_from_config(
+            cfg.model, width=cfg.width, in_channels=1, image_size=size, num_classes=10
+        )
+        if not isinstance(model, nn.Module):
+            return model
+        logits = model.eval()(torch.empty(2, 1, size, size))
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if shape != (2, 10):
+        raise TypeError(f"a batch of 2 gave {shape} where logits of shape (2, 10) were due")
+    return model
+
+
+def model_error(cfg: DictConfig, error: BaseException) -> ConfigError:
+    """The paragraph for a model that cannot be built for, or run on, the data."""
+    size, why = cfg.data.image_size, f"{type(error).__name__}: {first_line(error).rstrip('!')}"
+    schema = OmegaConf.get_type(cfg.model)
+    if is_open(schema):
+        return ConfigError(
+            f"model._target_={cfg.model._target_} is not allowed: built with width="
+            f"{cfg.width}, in_channels=1, image_size={size}, num_classes=10 and its "
+            f"+model keys, and run on a batch of shape (2, 1, {size}, {size}), it fails "
+            f"({why}). A network of your own must take the data's shape this way and "
+            "return (batch, num_classes) logits."
+        )
+    if isinstance(error, TypeError) and "options" in cfg.model:
+        return ConfigError(
+            f"model.options={as_override(dict(cfg.model.options))} is not allowed with "
+            f"model.arch={cfg.model.arch}: torchvision's builder refuses them ({why})."
+        )
+    if "arch" in cfg.model:
+        return ConfigError(
+            f"data.image_size={size} is not allowed with model.arch={cfg.model.arch}: "
+            f"{why}. Use a larger data.image_size (torchvision's models are made for 224) or "
+            "another model.arch."
+        )
+    return ConfigError(
+        f"data.image_size={size} is not allowed with model={cfg.model.name}: "
+        f"{first_line(error)}. Use a larger data.image_size or another model."
+    )
 
 
 def translate_error(error: Exception, overrides: Sequence[str] = ()) -> ConfigError | None:

@@ -183,6 +183,44 @@ class ResnetConfig(ModelConfig):
         self.require(ok, "blocks_per_stage", rule)
 
 
+@dataclass
+class TorchvisionModelConfig(ModelConfig):
+    """A torchvision classification model by its builder's name, sized to the data.
+
+    ``width`` is not used (the architecture fixes its widths); ``options`` go to torchvision's
+    builder (``+model.options.width_mult=0.5``). The run is named after ``arch``.
+    """
+
+    _target_: str = "mlflow_tg.train.models.torchvision_model"
+    name: str = "${.arch}"
+    arch: str = "resnet18"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from mlflow_tg.train.models import torchvision_archs  # imports torch: only when asked
+
+        archs = torchvision_archs()
+        rule = (
+            f"model=torchvision builds one of torchvision's {len(archs)} classification "
+            f"models, untrained: {', '.join(archs)}"
+        )
+        self.require(self.arch in archs, "arch", rule)
+
+
+@dataclass
+class CustomModelConfig(ModelConfig):
+    """Any importable ``nn.Module`` class or function that builds one, by its dotted path.
+
+    It is called with ``width``, ``in_channels``, ``image_size`` and ``num_classes`` (the data's
+    shape) and with every other key of the node (``+model.some_arg=3``): the only model schema
+    that takes keys it does not declare.
+    """
+
+    OPEN: ClassVar[bool] = True  # keys beyond the declared ones are the target's arguments
+    _target_: str = MISSING
+    name: str = "${mlflow_tg.short_name:${._target_}}"
+
+
 # ---------------------------------------------------------------------------------------------
 # optimizer: torch.optim classes, built as partials that take the parameters at call time
 
@@ -313,12 +351,18 @@ class TrackingConfig(Checked):
     artifact_root: str | None = None  # used when the experiment is created in a local store
     experiment: str = "mlflow_tg"
     enabled: bool = True
+    heartbeat_s: float = 60.0  # how often a running run renews its mlflow_tg.heartbeat tag
+    drain_timeout_s: float = 600.0  # how long a run's end waits for an absent server
 
     def __post_init__(self) -> None:
         rule = "the tracking URI must not be empty"
         self.require(bool(self.uri.strip()), "uri", rule)
         rule = "the MLflow experiment needs a name"
         self.require(bool(self.experiment.strip()), "experiment", rule)
+        for name in ("heartbeat_s", "drain_timeout_s"):
+            value = getattr(self, name)
+            rule = f"{self.key(name)} must be a finite number of seconds above 0"
+            self.require(is_finite_number(value) and value > 0, name, rule)
 
 
 @dataclass
@@ -452,9 +496,20 @@ SCHEMAS: dict[str, dict[str, type]] = {  # ConfigStore group → option → sche
 }
 
 
+# Model options that are their schema alone, with no YAML file in conf/model/: ``model=torchvision``
+# and ``model=custom`` build networks that ``width`` does not size, unlike the built-in builders
+# every conf/model/*.yaml names.
+MODEL_OPTIONS: dict[str, type] = {
+    "torchvision": TorchvisionModelConfig,
+    "custom": CustomModelConfig,
+}
+
+
 def register_schemas() -> None:
     """Store every schema in Hydra's ConfigStore, where the YAML files' defaults find them."""
     store = ConfigStore.instance()
     for group, options in SCHEMAS.items():
         for name, schema in options.items():
             store.store(group=group, name=name, node=schema)
+    for name, schema in MODEL_OPTIONS.items():
+        store.store(group="model", name=name, node=schema)

@@ -10,7 +10,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from mlflow_tg.graph.operator import Adjacency, flow_operator
+from mlflow_tg.graph.operator import Adjacency, flow_operator, undirected_operator
 from mlflow_tg.graph.trace import (
     EdgeBlock,
     GraphUnsupportedError,
@@ -48,21 +48,28 @@ def vertex_table(plan: Plan, kept: np.ndarray) -> pl.DataFrame:
     )
 
 
-def block_edges(plan: Plan) -> np.ndarray:
+def block_edges(blocks: list[EdgeBlock]) -> np.ndarray:
     """(upstream, downstream) of every edge of every block, in weight order."""
-    edges = np.empty((sum(block.edges for block in plan.blocks), 2), np.uint64)
+    edges = np.empty((sum(block.edges for block in blocks), 2), np.uint64)
     start = 0
-    for block in plan.blocks:
+    for block in blocks:
         edges[start : start + block.edges, 0], edges[start : start + block.edges, 1] = (
             block.edge_ends()
         )
         start += block.edges
-    if (edges[:, 0] == edges[:, 1]).any():
-        raise GraphUnsupportedError(
-            f"the rolled graph of {plan.model_name} would join a vertex to itself (a layer "
-            "reading the sum it feeds); run with graph.enabled=false."
-        )
     return edges
+
+
+def check_self_loops(plan: Plan) -> None:
+    """Refuse a layer that would join a vertex to itself (a layer reading the sum it feeds)."""
+    for block in plan.blocks:
+        if np.intersect1d(block.inputs, block.outputs).size:
+            src, dst = block.edge_ends()
+            if (src == dst).any():
+                raise GraphUnsupportedError(
+                    f"the rolled graph of {plan.model_name} would join a vertex to itself (layer "
+                    f"{block.layer!r} reading the sum it feeds); run with graph.enabled=false."
+                )
 
 
 def may_repeat_edges(blocks: list[EdgeBlock]) -> np.ndarray:
@@ -84,34 +91,57 @@ def may_repeat_edges(blocks: list[EdgeBlock]) -> np.ndarray:
     return mask
 
 
-def merge_parallel(
-    blocks: list[EdgeBlock], edges: np.ndarray, n: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The distinct edges (in first occurrence order) and each block edge's index among them.
+class ParallelEdges:
+    """Which block edges repeat an earlier one (same vertex pair), found among suspects only.
 
-    The index is None when no vertex pair repeats: the block edges are then the graph's edges.
+    ``positions`` are the block edges of the suspect blocks, ``first`` the block edge each of
+    them first occurs at; a block edge whose first occurrence is another is merged into it.
     """
-    suspects = np.flatnonzero(may_repeat_edges(blocks))
-    if not len(suspects):
-        return edges, None
-    offsets = np.cumsum([0, *(block.edges for block in blocks)])
-    positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in suspects])
-    keys = edges[positions, 0] * np.uint64(n) + edges[positions, 1]
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    if len(first) == len(keys):
-        return edges, None
-    target = np.arange(len(edges))
-    target[positions] = positions[first[inverse.ravel()]]  # each edge → its first occurrence
-    distinct = target == np.arange(len(edges))
-    return edges[distinct], (np.cumsum(distinct) - 1)[target]
+
+    def __init__(self, blocks: list[EdgeBlock], n: int) -> None:
+        offsets = np.cumsum([0, *(block.edges for block in blocks)])
+        self.total = int(offsets[-1])
+        suspects = np.flatnonzero(may_repeat_edges(blocks))
+        self.positions = np.zeros(0, np.int64)
+        self.first = self.positions
+        if len(suspects):
+            self.positions = np.concatenate(
+                [np.arange(offsets[i], offsets[i + 1]) for i in suspects]
+            )
+            ends = [np.column_stack(blocks[i].edge_ends()).astype(np.uint64) for i in suspects]
+            edges = np.concatenate(ends)
+            keys = edges[:, 0] * np.uint64(n) + edges[:, 1]
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            self.first = self.positions[first[inverse.ravel()]]
+        self.repeats = int((self.first != self.positions).sum())
+
+    @property
+    def distinct(self) -> int:
+        """Number of edges once parallel ones are merged."""
+        return self.total - self.repeats
+
+    def merge(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Which block edges are distinct (a mask) and each block edge's distinct index.
+
+        The index is None when no vertex pair repeats: the block edges are the graph's edges.
+        """
+        if not self.repeats:
+            return np.ones(self.total, bool), None
+        target = np.arange(self.total)
+        target[self.positions] = self.first  # each edge → its first occurrence
+        distinct = target == np.arange(self.total)
+        return distinct, (np.cumsum(distinct) - 1)[target]
 
 
 class RolledGraphBuilder:
-    """The rolled graph of one model, traced once, with weights refreshed by ``build``.
+    """The rolled graph of one model, traced once, with weights refreshed by ``refresh``.
 
     Parallel edges (a layer's own edge beside an identity join in ``x + conv(x)``, a layer
     reading ``cat([x, x])``) are merged into one edge of their summed weight, so that the
-    path-based centralities see the same connection as the spectral ones.
+    path-based centralities see the same connection as the spectral ones. The graph-tool graph
+    is built only when first asked for (``graph``): strength and the spectral centralities only
+    need the per-layer weight blocks (``adjacency``), and on a large network the graph-tool
+    graph costs more time and memory than everything else of a capture.
     """
 
     def __init__(
@@ -121,10 +151,36 @@ class RolledGraphBuilder:
         shapes = tensor_shapes(gm, model, input_shape)
         self.plan = Tracer(gm, shapes, fold_batchnorm, type(model).__name__).run()
         self.nodes = vertex_table(self.plan, renumber(self.plan))
-        edges = block_edges(self.plan)
-        distinct, self.merge = merge_parallel(self.plan.blocks, edges, self.nodes.height)
-        self.graph = self.make_graph(self.nodes, distinct)
-        self.weights = np.zeros(len(edges))  # per block edge, as last built
+        check_self_loops(self.plan)
+        self.parallel = ParallelEdges(self.plan.blocks, self.nodes.height)
+        self.weights = np.zeros(self.parallel.total)  # per block edge, as last refreshed
+        self._graph: gt.Graph | None = None
+        self._merge: np.ndarray | None = None
+        self._stale = True  # the graph's weights are older than ``weights``
+
+    @property
+    def num_vertices(self) -> int:
+        """Number of vertices."""
+        return self.nodes.height
+
+    @property
+    def num_edges(self) -> int:
+        """Number of edges, parallel ones merged."""
+        return self.parallel.distinct
+
+    @property
+    def graph(self) -> gt.Graph:
+        """The graph-tool graph with the weights of the last refresh, built on first use."""
+        if self._graph is None:
+            distinct, self._merge = self.parallel.merge()
+            self._graph = self.make_graph(self.nodes, block_edges(self.plan.blocks)[distinct])
+        if self._stale:
+            merged = self.weights
+            if self._merge is not None:
+                merged = np.bincount(self._merge, self.weights, minlength=self.num_edges)
+            self._graph.ep["weight"].a[:] = merged
+            self._stale = False
+        return self._graph
 
     @staticmethod
     def make_graph(nodes: pl.DataFrame, edges: np.ndarray) -> gt.Graph:
@@ -138,33 +194,33 @@ class RolledGraphBuilder:
         graph.vp["channel"] = graph.new_vertex_property("int", vals=nodes["channel"])
         return graph
 
-    def edge_weights(self, model: nn.Module) -> np.ndarray:
-        """Every block edge's weight from ``model``'s current parameters, in block order."""
-        weights, start = np.empty(len(self.weights)), 0
+    def refresh(self, model: nn.Module) -> None:
+        """Recompute every block edge's weight from ``model``'s current parameters, in place.
+
+        Raises:
+            NonFiniteWeightsError: naming the layers whose weights are NaN or infinite.
+        """
+        weights, start, bad = self.weights, 0, []
         with torch.no_grad():
             for block in self.plan.blocks:
+                part = weights[start : start + block.edges]
                 # .cpu(): the model may live on an accelerator, the graph lives in numpy
-                weights[start : start + block.edges] = block_weights(model, block).cpu().ravel()
-                start += block.edges
-        if not np.isfinite(weights).all():
-            bad, start = [], 0
-            for block in self.plan.blocks:
-                if not np.isfinite(weights[start : start + block.edges]).all():
+                part[:] = block_weights(model, block).cpu().ravel()
+                if not np.isfinite(part).all():
                     bad.append(block.layer)
                 start += block.edges
+        self._stale = True
+        if bad:
             raise NonFiniteWeightsError(f"NaN or infinite edge weights from {', '.join(bad)}")
-        return weights
 
     def build(self, model: nn.Module) -> gt.Graph:
-        """The graph with the weights of ``model`` as it is now."""
-        self.weights = self.edge_weights(model)
-        merged = self.weights
-        if self.merge is not None:
-            merged = np.bincount(self.merge, self.weights, minlength=self.graph.num_edges())
-        self.graph.ep["weight"].a[:] = merged
+        """The graph-tool graph with the weights of ``model`` as it is now."""
+        self.refresh(model)
         return self.graph
 
     def adjacency(self) -> Adjacency:
-        """The weighted adjacency of the graph as last built, as fast block products."""
-        flow = flow_operator(self.plan.blocks, self.weights, self.graph.num_vertices())
-        return Adjacency.from_flow(flow)
+        """The weighted adjacency of the graph as last refreshed, as fast block products."""
+        blocks, n = self.plan.blocks, self.num_vertices
+        return Adjacency(
+            undirected_operator(blocks, self.weights, n), flow_operator(blocks, self.weights, n)
+        )

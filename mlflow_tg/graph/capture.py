@@ -53,9 +53,9 @@ class GraphCapture:
         """Measure the graph of ``model`` as it is now and log its tables."""
         start = time.perf_counter()
         try:
-            graph = self.builder.build(model)
+            self.builder.refresh(model)
             centralities = compute_centralities(
-                graph,
+                lambda: self.builder.graph,  # built only for betweenness and closeness
                 list(self.cfg.centralities),
                 pivots=self.cfg.pivots,
                 sources=self.cfg.sources,
@@ -67,12 +67,12 @@ class GraphCapture:
             self.skip(epoch, run, error)
             return {}
         nodes = node_table(self.builder.nodes, centralities)
-        metrics = summary_metrics(nodes, graph.num_edges())
+        metrics = summary_metrics(nodes, self.builder.num_edges)
         if self.cfg.node_tables:
             run.log_table(nodes, keys.node_table_path(epoch))
         run.log_table(layer_table(nodes), keys.layer_table_path(epoch))
         if self.cfg.save_graph:
-            save_graph(graph, epoch, run)
+            save_graph(self.builder.graph, epoch, run)
         self.trajectory.append({"epoch": epoch, **metrics})
         # not a tg.* key: timing is not a property of the network, so no predictor feature
         return metrics | {keys.CAPTURE_TIME: time.perf_counter() - start}

@@ -99,7 +99,7 @@ def sample_vertices(num_vertices: int, count: int, seed: int) -> np.ndarray:
 
 
 def compute_centralities(
-    graph: gt.Graph,
+    graph: gt.Graph | Callable[[], gt.Graph],
     names: Sequence[str],
     *,
     pivots: int = 64,
@@ -110,7 +110,9 @@ def compute_centralities(
     """Compute the named centralities of ``graph`` (definitions in the module docstring).
 
     Args:
-        graph: Undirected graph-tool graph with a non-negative edge property ``weight``.
+        graph: Undirected graph-tool graph with a non-negative edge property ``weight``, or a
+            function returning it, called only when a centrality needs the graph itself
+            (betweenness, closeness, or any of them when ``adjacency`` is None).
         names: Centralities to compute, each one of ``CENTRALITIES``.
         pivots: Number of sampled source vertices for betweenness.
         sources: Number of sampled source vertices for closeness.
@@ -144,12 +146,22 @@ class _Context:
     """One graph and what several centralities share, each part computed at most once."""
 
     def __init__(
-        self, graph: gt.Graph, *, pivots: int, sources: int, seed: int, adjacency=None
-    ) -> None:
-        self.graph, self.pivots, self.sources, self.seed = graph, pivots, sources, seed
-        self.n = graph.num_vertices()
-        self.weight = graph.ep["weight"]
+        self, graph: gt.Graph | Callable[[], gt.Graph], *, pivots: int, sources: int, seed: int,
+        adjacency=None,
+    ) -> None:  # fmt: skip
+        self.source, self.pivots, self.sources, self.seed = graph, pivots, sources, seed
         self.given = adjacency
+        self.n = self.graph.num_vertices() if adjacency is None else adjacency.undirected.shape[0]
+
+    @cached_property
+    def graph(self) -> gt.Graph:
+        """The graph-tool graph, built now if the caller gave a function."""
+        return self.source if isinstance(self.source, gt.Graph) else self.source()
+
+    @cached_property
+    def weight(self) -> gt.EdgePropertyMap:
+        """The edge weights of the graph-tool graph."""
+        return self.graph.ep["weight"]
 
     @cached_property
     def undirected(self) -> Any:

@@ -109,12 +109,23 @@ def seed_twin_agreement(
 
 @dataclass
 class Comparison:
-    """Quality of each feature set (and the baseline), and the registered set's held-out fit."""
+    """Quality of each feature set (and the baselines), and the registered set's held-out fit."""
 
     quality: dict[str, dict[str, dict[str, dict[str, float]]]]  # set → split → subset → scores
-    model: CatBoostRegressor  # of the registered set, fitted without the held-out configurations
-    predictions: np.ndarray  # its predictions of the held-out runs
+    fits: dict[str, tuple[CatBoostRegressor, np.ndarray]]  # set → model, held-out predictions
+    registered: str  # the set the registered version uses
+    choice: str  # why: asked for, or the held-out evidence that chose it
     transfer: str  # which widths the transfer split fits on and scores, or why there is none
+
+    @property
+    def model(self) -> CatBoostRegressor:
+        """The registered set's model, fitted without the held-out configurations."""
+        return self.fits[self.registered][0]
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """Its predictions of the held-out runs."""
+        return self.fits[self.registered][1]
 
     @cached_property
     def table(self) -> pl.DataFrame:
@@ -129,6 +140,19 @@ class Comparison:
         )
 
 
+def best_set(
+    quality: dict[str, dict[str, dict[str, dict[str, float]]]], sets: list[str], metric: str
+) -> tuple[str, str]:
+    """The set with the best held-out ``metric`` on all runs, and the evidence in words.
+
+    Ties go to the set listed first; a NaN score never wins.
+    """
+    scores = {name: quality[name]["holdout"]["all"][metric] for name in sets}
+    ranked = sorted(sets, key=lambda name: -np.nan_to_num(scores[name], nan=-np.inf))
+    evidence = ", ".join(f"{name} {scores[name]:.3f}" for name in ranked)
+    return ranked[0], f"best held-out {metric} on all runs ({evidence})"
+
+
 def transfer_split(widths: list[float]) -> tuple[np.ndarray, str]:
     """The narrow-width rows to fit on, and the split in words ('not available: …' if none)."""
     narrow = narrow_half(widths)
@@ -140,9 +164,17 @@ def transfer_split(widths: list[float]) -> tuple[np.ndarray, str]:
 
 
 def compare(
-    dataset: Dataset, cfg: DictConfig, holdout: np.ndarray, compared: list[str], registered: str
+    dataset: Dataset,
+    cfg: DictConfig,
+    holdout: np.ndarray,
+    compared: list[str],
+    registered: str | None = None,
 ) -> Comparison:
-    """Held-out and width-transfer quality of each set, and of ranking by ``val_acc@k``."""
+    """Held-out and width-transfer quality of each set, and of ranking by ``val_acc@k``.
+
+    ``registered``: the set the registered version uses; None chooses the compared set with
+    the best held-out ``cfg.selection_metric``.
+    """
     narrow, transfer = transfer_split(dataset.frame["run_width"].to_list())
     wide = ~narrow if narrow.any() else narrow  # no transfer: no rows, NaN scores
     y = dataset.column(TARGET)
@@ -153,14 +185,12 @@ def compare(
             "transfer": quality_by_subset(y[wide], predicted_wide, cfg.nontrivial_above),
         }
 
-    qualities, registered_fit = {}, None
+    qualities, fits = {}, {}
     for sets in compared:
         columns = columns_of(dataset.feature_columns, sets)
-        model, predicted = fit_and_score(dataset, columns, ~holdout, cfg)
+        fits[sets] = fit_and_score(dataset, columns, ~holdout, cfg)
         transferred = fit_and_score(dataset, columns, narrow, cfg)[1] if wide.any() else y[wide]
-        qualities[sets] = scored(predicted, transferred)
-        if sets == registered:
-            registered_fit = model, predicted
+        qualities[sets] = scored(fits[sets][1], transferred)
     baseline = dataset.column(f"val_acc@{cfg.k}")
     qualities[BASELINE] = scored(baseline[holdout], baseline[wide])
     if cfg.k >= 1:  # less loss over epochs 1..k ranks first; a run without it ranks last
@@ -169,7 +199,11 @@ def compare(
         for subsets in qualities[SPEED_BASELINE].values():
             for scores in subsets.values():
                 scores["r2"] = scores["mae_points"] = float("nan")
-    return Comparison(qualities, *registered_fit, transfer)
+    if registered is None:
+        registered, choice = best_set(qualities, compared, cfg.selection_metric)
+    else:
+        choice = "asked for (feature_sets)"
+    return Comparison(qualities, fits, registered, choice, transfer)
 
 
 def metric_key(row: dict[str, Any], metric: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Any
 
@@ -11,9 +12,11 @@ from catboost import CatBoostRegressor, EFeaturesSelectionAlgorithm
 from omegaconf import DictConfig, OmegaConf
 
 from mlflow_tg.predictor.dataset import Dataset
-from mlflow_tg.predictor.features import categorical_columns
+from mlflow_tg.predictor.features import categorical_columns, set_of
 from mlflow_tg.predictor.model import quantiles_of, to_interval
 from mlflow_tg.tracking.runs import TARGET
+
+log = logging.getLogger(__name__)
 
 
 def regressor(x: pd.DataFrame, cfg: DictConfig, **options: Any) -> CatBoostRegressor:
@@ -62,7 +65,32 @@ def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
             train_final_model=False,
             logging_level="Silent",
         )
-    return catboost(x.iloc[:, sorted(selection["selected_features"])], y, cfg)
+    kept = keep_every_set(
+        list(x.columns), selection["selected_features"], selection["eliminated_features"]
+    )
+    return catboost(x.iloc[:, kept], y, cfg)
+
+
+def keep_every_set(columns: list[str], selected: list[int], eliminated: list[int]) -> list[int]:
+    """The selected column positions, plus the best of each feature set selection dropped.
+
+    Recursive elimination may drop every column of a set (all hyperparameters, say) that the
+    predictor was asked to use; that set then keeps the column eliminated last, its most
+    useful one, and the log says so: a set is never lost silently.
+    """
+    kept = set(selected)
+    present = {set_of(columns[i]) for i in kept}
+    for position in reversed(eliminated):  # the most useful first
+        name = set_of(columns[position])
+        if name not in present:
+            log.warning(
+                "feature selection dropped every %s column; keeping its most useful one, %s",
+                name,
+                columns[position],
+            )
+            kept.add(position)
+            present.add(name)
+    return sorted(kept)
 
 
 def predict(model: CatBoostRegressor, x: pd.DataFrame) -> np.ndarray:

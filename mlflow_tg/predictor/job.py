@@ -29,6 +29,7 @@ import polars as pl
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
+from scipy.stats import kendalltau
 
 from mlflow_tg import keys
 from mlflow_tg.config import CONF_DIR, is_whole_number
@@ -36,7 +37,14 @@ from mlflow_tg.errors import ConfigError
 from mlflow_tg.predictor.calibrate import widening
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
 from mlflow_tg.predictor.evaluate import QUALITY_METRICS, Comparison, compare, metric_key
-from mlflow_tg.predictor.features import columns_of, hparam_features, parse_sets, set_name
+from mlflow_tg.predictor.features import (
+    columns_of,
+    hparam_features,
+    metric_reads,
+    parse_sets,
+    set_name,
+    set_of,
+)
 from mlflow_tg.predictor.figures import importance_figure, predicted_vs_actual_figure
 from mlflow_tg.predictor.fit import fit, predict_interval
 from mlflow_tg.predictor.model import RunPredictor, fitted_window, model_input, quantiles_of
@@ -54,6 +62,7 @@ from mlflow_tg.tracking.runs import TARGET, RunNotFoundError, RunRecord, load_ru
 
 log = logging.getLogger(__name__)
 SELECTION_METRICS = ("kendall_tau", "spearman", "r2")
+AUTO = "auto"  # feature_sets: register the compared set that ranks held-out runs best
 
 
 MIN_RUNS = 8
@@ -76,7 +85,14 @@ def check_predictor_config(cfg: DictConfig) -> None:
         quantiles_of(cfg.catboost.loss_function)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if not cfg.compare_sets:
+        raise ConfigError(
+            "compare_sets=[] is not allowed: list at least one feature set to compare (for "
+            "example [curve+hparams, graph+curve+hparams])."
+        )
     for sets in [cfg.feature_sets, *cfg.compare_sets]:
+        if sets == AUTO:
+            continue
         try:
             parse_sets(sets)
         except ValueError as error:
@@ -98,9 +114,14 @@ def check_predictor_config(cfg: DictConfig) -> None:
         )
 
 
+def requested_sets(cfg: DictConfig) -> list[str]:
+    """The set ``feature_sets`` asks for; none when it is ``auto`` (the best compared set)."""
+    return [] if cfg.feature_sets == AUTO else [set_name(cfg.feature_sets)]
+
+
 def compared_sets(cfg: DictConfig) -> list[str]:
-    """The canonical names of the compared sets, the registered one included."""
-    return list(dict.fromkeys(set_name(sets) for sets in [*cfg.compare_sets, cfg.feature_sets]))
+    """The canonical names of the compared sets, the requested one included."""
+    return list(dict.fromkeys([*(set_name(s) for s in cfg.compare_sets), *requested_sets(cfg)]))
 
 
 def dataset_sets(compared: list[str]) -> str:
@@ -114,7 +135,7 @@ def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
     use_tracking(cfg.tracking)
     client = MlflowClient()
     records = load_runs(client, cfg.source_experiment)
-    compared, registered = compared_sets(cfg), set_name(cfg.feature_sets)
+    compared = compared_sets(cfg)
     dataset = build_dataset(records, cfg.k, dataset_sets(compared))
     holdout = Holdout(cfg.holdout_fraction, cfg.seed).rows(dataset.groups)
     if dataset.frame.height < MIN_RUNS or min(holdout.sum(), (~holdout).sum()) < 3:
@@ -123,10 +144,11 @@ def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
             f"({int(holdout.sum())} held out), too few to fit and evaluate a predictor (at least "
             f"{MIN_RUNS}, 3 on each side); left out: {dataset.left_out or 'none'}."
         )
-    comparison = compare(dataset, cfg, holdout, compared, registered)
+    comparison = compare(dataset, cfg, holdout, compared, next(iter(requested_sets(cfg)), None))
     log.info("%d runs, %d held out; left out: %s", dataset.frame.height, int(holdout.sum()),
              dataset.left_out or "none")  # fmt: skip
     log.info("width transfer: %s", comparison.transfer)
+    log.info("registered feature set: %s, %s", comparison.registered, comparison.choice)
     with pl.Config(tbl_rows=100, tbl_cols=12, float_precision=3):
         log.info("\n%s", comparison.table)
     predictor, coverage = fit_windows(cfg, records, dataset, holdout, comparison)
@@ -147,15 +169,19 @@ def fit_windows(
     """The registered set's model at every window of ``ks``, and each one's held-out coverage.
 
     Window k's model is the comparison's; the others are fitted the same way (without the
-    held-out configurations) on the runs that have their epochs. Each interval is calibrated on
+    held-out configurations) on the runs that have their epochs, choosing among the summaries
+    of the metrics window k reads: the request then names those metrics only (MLflow's scoring
+    server casts and checks every column the signature declares, about 80 µs per column and
+    request). Each interval is calibrated on
     the training runs (``calibrate.py``); coverage: the share of held-out runs whose final
     accuracy lies inside their interval (nominal: ``predictor.nominal``).
     """
-    registered, split = set_name(cfg.feature_sets), Holdout(cfg.holdout_fraction, cfg.seed)
+    registered, split = comparison.registered, Holdout(cfg.holdout_fraction, cfg.seed)
     quantiles = quantiles_of(cfg.catboost.loss_function)
     nominal = quantiles[2] - quantiles[0]
     by_id = {run.run_id: run for run in records}
     windows, models, coverage = [], {}, {}
+    shared = metrics_of(comparison.model.feature_names_, cfg.k)
     for k in sorted(set(cfg.ks)):
         data, held, model = dataset, holdout, comparison.model
         if k != cfg.k:
@@ -167,7 +193,11 @@ def fit_windows(
                     "held out), too few to fit and check a model (3 on each side); left out: "
                     f"{data.left_out or 'none'}. Drop it from ks."
                 )
-            columns = columns_of(data.feature_columns, registered)
+            columns = [
+                column
+                for column in columns_of(data.feature_columns, registered)
+                if set_of(column) == "hparams" or metric_reads(column, k)[0] in shared
+            ]
             model = fit(data.matrix(columns, ~held), data.column(TARGET, ~held), cfg)
         trained = pd.DataFrame([hparam_features(by_id[i].params) for i in data.run_ids(~held)])
         x = data.matrix(model.feature_names_, ~held)
@@ -175,12 +205,19 @@ def fit_windows(
         widen = widening(x, data.column(TARGET, ~held), groups, cfg, nominal)
         windows.append(fitted_window(k, model, x, trained, widen, groups))
         models[k] = model
-        low, _, high = predict_interval(model, data.matrix(model.feature_names_, held), widen).T
+        low, point, high = predict_interval(model, data.matrix(model.feature_names_, held), widen).T
         actual = data.column(TARGET, held)
         coverage[k] = float(np.mean((low <= actual) & (actual <= high)))
-        log.info("window k=%d: interval widened by %.4f, held-out coverage %.3f (nominal %g)",
-                 k, widen, coverage[k], nominal)  # fmt: skip
+        tau = kendalltau(point, actual).statistic
+        log.info("window k=%d (%d metrics): interval widened by %.4f, held-out coverage %.3f "
+                 "(nominal %g), Kendall tau %.3f", k, len(metrics_of(model.feature_names_, k)),
+                 widen, coverage[k], nominal, tau)  # fmt: skip
     return RunPredictor(windows, quantiles, models), coverage
+
+
+def metrics_of(columns: list[str], k: int) -> set[str]:
+    """The metrics that graph and curve columns of window ``k`` are built from."""
+    return {metric_reads(column, k)[0] for column in columns if set_of(column) != "hparams"}
 
 
 def input_example(predictor: RunPredictor, records: list[RunRecord], run_ids: list[str]):
@@ -208,7 +245,7 @@ def log_predictor_run(
     fitted: tuple[RunPredictor, dict[int, float]],
 ) -> dict[str, Any]:
     """The predictor's MLflow run: model first (see registry), then comparison and metrics."""
-    wanted, (predictor, coverage) = set_name(cfg.feature_sets), fitted
+    wanted, (predictor, coverage) = comparison.registered, fitted
     champion = version_by_alias(client, cfg.registered_model, keys.CHAMPION)  # before registering
     with mlflow.start_run(run_name=f"predictor-k{cfg.k}-{wanted}") as run:
         mlflow.log_params(predictor_params(cfg, dataset, holdout, wanted))
@@ -228,6 +265,7 @@ def log_predictor_run(
                 keys.ALIAS: alias,
                 keys.COMPARISON: verdict,
                 keys.WIDTH_TRANSFER: comparison.transfer,
+                keys.SETS_CHOICE: comparison.choice,
             }
         )
         mlflow.log_metrics(
@@ -261,6 +299,7 @@ def predictor_params(cfg: DictConfig, dataset: Dataset, holdout: np.ndarray, wan
         "k": cfg.k,
         "ks": ",".join(map(str, sorted(set(cfg.ks)))),
         "feature_sets": wanted,
+        "feature_sets.requested": cfg.feature_sets,
         "seed": cfg.seed,
         "source_experiment": cfg.source_experiment,
         "runs": dataset.frame.height,

@@ -43,10 +43,15 @@ def require_run_predictor(model: PyFuncModel, what: str) -> None:
     )
 
 
-def load_run_predictor(model_uri: str) -> PyFuncModel:
-    """A registered version, loaded here; RegistryError if it cannot be loaded or answer runs."""
+def load_run_predictor(model_uri: str, check_requirements: bool = True) -> PyFuncModel:
+    """A registered version, loaded here; RegistryError if it cannot be loaded or answer runs.
+
+    ``check_requirements``: compare the version's pip requirements with the installed packages
+    and warn of mismatches, as MLflow does by default. It costs about a second (MLflow maps
+    every installed distribution to its modules), so a quiet command line skips it.
+    """
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=not check_requirements)
     except Exception as error:  # a version whose files are gone, or that MLflow cannot read
         raise RegistryError(
             f"could not load {model_uri}: {type(error).__name__}: {error}"

@@ -25,6 +25,9 @@ from typing import Any
 from mlflow_tg import keys
 from mlflow_tg.predictor.describe import with_note
 from mlflow_tg.serve.answer import KNOWN, describe, known_answer, predicted_metrics
+from mlflow_tg.tracking.commands import COMMANDS as TRACKING_COMMANDS
+from mlflow_tg.tracking.commands import add_commands as add_tracking_commands
+from mlflow_tg.tracking.commands import run_command as run_tracking_command
 
 # The embedded store of conf/tracking/local.yaml, where train.py logs by default.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -55,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--verbose", action="store_true", help="show MLflow's logs, warnings and progress bars"
     )
+    add_tracking_commands(commands)  # reap, replay
     return cli
 
 
@@ -93,7 +97,7 @@ def ask(args: argparse.Namespace, client: Any, run: Any) -> tuple[dict[str, Any]
         return answer, f"{model_uri} via {args.endpoint}"
     from mlflow_tg.predictor.scoring import input_columns, load_run_predictor
 
-    model = load_run_predictor(model_uri)
+    model = load_run_predictor(model_uri, check_requirements=args.verbose)
     declared = set(input_columns(model))  # the other metrics of the history are not read
     (answer,) = model.predict(frame[[c for c in frame if c in declared]]).to_dict("records")
     return answer, f"{model_uri} in process"
@@ -162,6 +166,8 @@ def predict_over_http(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Console script entry point; bad input exits 2 with one paragraph."""
     args = parser().parse_args(argv)
+    if args.command in TRACKING_COMMANDS:
+        sys.exit(run_tracking_command(args))
     quiet(args.verbose)
     from mlflow_tg.serve.client import EndpointError
 

@@ -4,7 +4,9 @@ A run always ends in a final state: FINISHED, FAILED (the error kept in the ``ml
 tag) or KILLED on Ctrl-C or SIGTERM (``timeout``, ``docker stop``, a scheduler; the process then
 exits 143). Each epoch's metrics go out in one batch call, and the whole history
 so far is rewritten as ``history.parquet``, so a reader needs one download per run, not one
-request per metric key.
+request per metric key. Writes pass through the run's spool (``spool.py``): a tracking server
+that goes away delays them and never stops training; the spool's thread also keeps the run's
+heartbeat, which ``mlflow-tg reap`` reads (``reap.py``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +44,17 @@ from omegaconf import DictConfig
 from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
 from mlflow_tg.errors import ConfigError
+from mlflow_tg.tracking.spool import Spool, now_iso, server_answers
 
 log = logging.getLogger(__name__)
 MAX_TAG_LENGTH = 5000
 ALREADY_EXISTS = ErrorCode.Name(RESOURCE_ALREADY_EXISTS)
 SERVER_PROBE_S = 10.0  # how long a tracking server that does not answer /health is waited for
+SPOOL_DIR = "spool"  # in a Hydra job's output folder: the run's journal of writes
+# A scheduler's SIGTERM leaves seconds before its SIGKILL (SLURM's KillWait: 30 s): a run being
+# killed waits at most this long for an absent server before it leaves its writes on disk.
+KILLED_DRAIN_S = 10.0
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
 
 
 class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` stops it
@@ -221,34 +230,58 @@ def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class RunLogger:
-    """Logs one run's per-epoch metrics and keeps the history table in step with them."""
+    """Logs one run's per-epoch metrics and keeps the history table in step with them.
+
+    With a ``spool`` (as ``tracked_run`` gives it), every write is journaled and delivered by
+    the spool's courier, so training goes on through an outage; without, it is sent at once.
+    """
 
     run_id: str
     history: list[dict[str, float]] = field(default_factory=list)
     note: list[str] = field(default_factory=list)  # the run's description, line by line
+    spool: Spool | None = None
+    spool_is_temporary: bool = False  # its folder goes once the store has everything
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log finite metrics at ``step=epoch`` in one call and rewrite ``history.parquet``."""
         finite = finite_metrics(metrics)
-        mlflow.log_metrics(finite, step=epoch, run_id=self.run_id)
+        self.log_metrics(finite, epoch)
         self.history.append({"epoch": epoch, **finite})
         self.log_table(pl.DataFrame(self.history, infer_schema_length=None), keys.HISTORY)
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:
         """Log end-of-run metrics (test loss and accuracy) at the last epoch."""
-        mlflow.log_metrics(finite_metrics(metrics), step=step, run_id=self.run_id)
+        self.log_metrics(finite_metrics(metrics), step)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Finite metrics at ``step``, in one request."""
+        if self.spool is not None:
+            self.spool.append("metrics", step=step, values=metrics)
+        else:
+            mlflow.log_metrics(metrics, step=step, run_id=self.run_id)
 
     def log_table(self, table: pl.DataFrame, artifact_path: str) -> None:
         """Write ``table`` as parquet at ``artifact_path`` in the run's artifacts."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_path).name
             table.write_parquet(path)
-            folder = str(Path(artifact_path).parent)
-            mlflow.log_artifact(str(path), None if folder == "." else folder, run_id=self.run_id)
+            self.log_file(path, artifact_path)
 
     def log_figure(self, figure: Any, artifact_path: str) -> None:
         """Log a matplotlib figure as an image artifact."""
-        mlflow.MlflowClient().log_figure(self.run_id, figure, artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_path).name
+            figure.savefig(path)
+            self.log_file(path, artifact_path)
+
+    def log_file(self, path: Path, artifact_path: str) -> None:
+        """Log a local file as the artifact ``artifact_path`` (its folder and name)."""
+        folder = str(Path(artifact_path).parent)
+        folder = None if folder == "." else folder
+        if self.spool is not None:
+            self.spool.add_file(path, folder)
+        else:
+            mlflow.log_artifact(str(path), folder, run_id=self.run_id)
 
     def describe(self, line: str) -> None:
         """Add a line to the run's description (MLflow's run note, shown on the run page)."""
@@ -257,7 +290,10 @@ class RunLogger:
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a run tag, truncated to a length every MLflow backend accepts."""
-        mlflow.MlflowClient().set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH])
+        if self.spool is not None:
+            self.spool.append("tag", key=key, value=str(value)[:MAX_TAG_LENGTH])
+        else:
+            mlflow.MlflowClient().set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH])
 
 
 class SigtermGuard:
@@ -315,12 +351,76 @@ def end_run(guard: SigtermGuard, status: RunStatus, attempts: int = 5) -> None:
             time.sleep(0.5 * 2**attempt)
 
 
+def spool_folder(run_id: str) -> tuple[Path, bool]:
+    """Where a run journals its writes, and whether the folder is a temporary one.
+
+    A Hydra job keeps it in its output folder (``spool/``), beside its ``.hydra`` config, for
+    ``mlflow-tg replay``; a run started from Python gets a temporary folder, removed once the
+    store has everything.
+    """
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir) / SPOOL_DIR, False
+    return Path(tempfile.mkdtemp(prefix=f"mlflow_tg_spool.{run_id[:8]}.")), True
+
+
+@contextmanager
+def failing_fast() -> Iterator[None]:
+    """MLflow's HTTP calls in this block try once, briefly: the server is known to be down."""
+    saved = {name: os.environ.get(name) for name in FAIL_FAST}
+    os.environ.update(FAIL_FAST)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def finish_run(logger: RunLogger, guard: SigtermGuard, status: RunStatus, timeout_s: float) -> None:
+    """Deliver the run's journal, then end it with ``status``.
+
+    When the store is still away after ``timeout_s``, the run's end joins the journal and the
+    folder is named for ``mlflow-tg replay``; the process goes on without waiting longer.
+    """
+    guard.disarm()
+    spool = logger.spool
+    if spool is None:
+        end_run(guard, status)
+        return
+    try:
+        delivered = spool.close(status, timeout_s)
+    except BaseException:
+        end_run(guard, status)  # the store refused a write: the run still ends
+        raise
+    if delivered or server_answers(spool.uri):
+        end_run(guard, status)
+        if delivered and logger.spool_is_temporary:
+            shutil.rmtree(spool.folder, ignore_errors=True)
+        if not delivered:
+            log.error("run %s ended %s, but some of its writes are only in %s",
+                      logger.run_id, RunStatus.to_string(status), spool.folder)  # fmt: skip
+        return
+    with failing_fast(), suppress(Exception):  # forgets the active run; the server is down
+        mlflow.end_run(RunStatus.to_string(status))
+    log.error(
+        "the tracking server %s did not answer for %.0f s at the end of run %s: what it lacks "
+        "of the run (its last metrics, artifacts and its end, %s) is kept in %s. Once the "
+        "server is back, deliver it with: mlflow-tg replay %s",
+        shown_uri(spool.uri), timeout_s, logger.run_id, RunStatus.to_string(status),
+        spool.folder, spool.folder,
+    )  # fmt: skip
+
+
 @contextmanager
 def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
     """Start the run, log params and tags, and always end it in a final state.
 
     KILLED on Ctrl-C (KeyboardInterrupt) and on SIGTERM (Terminated, raised by the handler
     this installs for the run's duration; the tag ``mlflow_tg.killed_by`` names the signal).
+    Writes go through a spool (``spool.py``): an outage of the tracking server delays them,
+    and the end of the run waits up to ``tracking.drain_timeout_s`` for it to be over.
     """
     use_tracking(cfg.tracking)
     tags, hydra_dir = hydra_tags()
@@ -328,9 +428,11 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
         keys.VERSION: __version__,
         keys.GIT_COMMIT: git_commit(),
         keys.CONFIG_ID: config_id(cfg),
+        keys.HEARTBEAT: now_iso(),
     }
     if cfg.get("prune") is not None and cfg.prune.get("sweep"):
         tags[keys.SWEEP] = str(cfg.prune.sweep)  # jobs launched apart, pruned as one sweep
+    drain_s = float(cfg.tracking.get("drain_timeout_s", 600.0))
     with SigtermGuard() as guard:
         try:
             run = mlflow.start_run(run_name=run_name(cfg), tags=tags)
@@ -340,6 +442,10 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
             raise
         logger = RunLogger(run.info.run_id)
         try:
+            folder, logger.spool_is_temporary = spool_folder(run.info.run_id)
+            heartbeat_s = float(cfg.tracking.get("heartbeat_s", 60.0))
+            logger.spool = Spool(folder, run.info.run_id, mlflow.get_tracking_uri(),
+                                 heartbeat_s).start()  # fmt: skip
             logger.describe(description(cfg))
             mlflow.log_params(run_params(cfg))
             if hydra_dir is not None:
@@ -351,15 +457,15 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
                 name = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
                 logger.set_tag(keys.KILLED_BY, name)
             finally:  # the run ends KILLED even when the store refuses the tag
-                end_run(guard, RunStatus.KILLED)
+                finish_run(logger, guard, RunStatus.KILLED, min(drain_s, KILLED_DRAIN_S))
             raise
         except BaseException as error:
             guard.disarm()
             try:
                 logger.set_tag(keys.ERROR, f"{type(error).__name__}: {error}")
             finally:  # the run ends FAILED even when the store refuses the tag
-                end_run(guard, RunStatus.FAILED)
+                finish_run(logger, guard, RunStatus.FAILED, drain_s)
             raise
-        end_run(guard, RunStatus.FINISHED)
+        finish_run(logger, guard, RunStatus.FINISHED, drain_s)
         if guard.pending:  # SIGTERM came while the run was ending: the process stops now
             raise Terminated()

@@ -17,6 +17,13 @@
 4. ``start`` returns once ``/health`` answers; after ``timeout`` seconds without an answer, or
    when the server exits, it stops what it started and fails with the end of the server's log.
 
+``start --auth`` (``make server-start AUTH=1``) runs MLflow's basic auth (``--app-name
+basic-auth``): the admin user (``$MLFLOW_TG_ADMIN_USER``, default ``admin``) gets the password
+in ``$MLFLOW_TG_ADMIN_PASSWORD``, which must be set (12 characters at least): never a default
+one. Its config (``basic_auth.ini``: users in ``basic_auth.db``, READ by default) and the
+Flask secret key live in the state folder, readable by their owner only. ``--host``,
+``--allowed-hosts`` and ``--cors-allowed-origins`` go to ``mlflow server`` as they are.
+
 ``stop`` ends the MLflow server (SIGTERM to its process group, SIGKILL after 30 s) and stops
 PostgreSQL only when ``start`` had started it. ``status`` says what runs. Train against it with
 ``python train.py tracking=server`` (``conf/tracking/server.yaml``: http://127.0.0.1:5000).
@@ -29,6 +36,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -45,6 +53,9 @@ DEFAULT_PASSWORD = "mlflow_tg"  # local use only: PostgreSQL listens on 127.0.0.
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
 PG_BIN = Path("/usr/lib/postgresql")
 LOG_TAIL = 3000  # characters of the server log shown when it does not start
+ADMIN_PASSWORD_ENV, ADMIN_USER_ENV = "MLFLOW_TG_ADMIN_PASSWORD", "MLFLOW_TG_ADMIN_USER"
+MIN_PASSWORD = 12  # MLflow's own rule for basic-auth passwords
+LEGACY_PASSWORD = "password1234"  # the admin password older MLflow versions shipped: public
 
 
 class ServerError(RuntimeError):
@@ -73,6 +84,14 @@ class Settings:
     cluster: str | None = field(default_factory=lambda: os.environ.get("MLFLOW_TG_PG_CLUSTER"))
     admin_socket_dir: str | None = None  # psql -h for the superuser's connection
     timeout_s: float = 180.0
+    auth: bool = False  # MLflow's basic auth, the admin password from $MLFLOW_TG_ADMIN_PASSWORD
+    allowed_hosts: str | None = None  # mlflow server --allowed-hosts
+    cors_allowed_origins: str | None = None  # mlflow server --cors-allowed-origins
+
+    @property
+    def auth_file(self) -> Path:
+        """The basic-auth config MLflow reads (``MLFLOW_AUTH_CONFIG_PATH``)."""
+        return self.state_dir / "basic_auth.ini"
 
     @property
     def pid_file(self) -> Path:
@@ -285,6 +304,72 @@ def log_tail(settings: Settings) -> str:
         return "(no log)"
 
 
+def admin_password() -> str:
+    """The admin password of the basic auth, from the environment; ServerError when unusable."""
+    password = os.environ.get(ADMIN_PASSWORD_ENV, "")
+    if len(password) < MIN_PASSWORD or password == LEGACY_PASSWORD:
+        shown = "unset" if not password else f"{len(password)} characters long"
+        raise ServerError(
+            f"${ADMIN_PASSWORD_ENV} is {shown}: a server with basic auth (--auth, AUTH=1) needs "
+            f"its admin password there, at least {MIN_PASSWORD} characters and not MLflow's "
+            f"old public default. Set it (export {ADMIN_PASSWORD_ENV}='…') and start again; "
+            "nothing was started."
+        )
+    return password
+
+
+def auth_environment(settings: Settings) -> dict[str, str]:
+    """The basic auth's config file and secrets, as ``mlflow server``'s environment.
+
+    The password only reaches MLflow through its environment (``MLFLOW_AUTH_ADMIN_PASSWORD``),
+    never a file or a command line; it creates the admin user on the first start.
+    """
+    password = admin_password()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    users = (settings.state_dir / "basic_auth.db").resolve()
+    write_private(
+        settings.auth_file,
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{users}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    key_file = settings.state_dir / "flask_secret_key"
+    if not key_file.exists():  # kept across restarts: sessions of the UI stay valid
+        write_private(key_file, secrets.token_hex(32))
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(settings.auth_file.resolve()),
+        "MLFLOW_AUTH_ADMIN_USERNAME": os.environ.get(ADMIN_USER_ENV) or "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
+        or key_file.read_text().strip(),
+    }
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read."""
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
+def server_command(settings: Settings) -> list[str]:
+    """The ``mlflow server`` command line (no secret on it)."""
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", settings.backend_uri(),
+        "--artifacts-destination", str(settings.artifact_dir),
+        "--host", settings.host, "--port", str(settings.port),
+        "--workers", str(settings.workers),
+    ]  # fmt: skip
+    if settings.auth:
+        command += ["--app-name", "basic-auth"]
+    if settings.allowed_hosts:
+        command += ["--allowed-hosts", settings.allowed_hosts]
+    if settings.cors_allowed_origins:
+        command += ["--cors-allowed-origins", settings.cors_allowed_origins]
+    return command
+
+
 def start_mlflow(settings: Settings) -> int:
     """Start ``mlflow server`` on the database in the background; return its pid when ready."""
     if (pid := running_pid(settings)) is not None:
@@ -300,20 +385,19 @@ def start_mlflow(settings: Settings) -> int:
             f"something already answers at {settings.url} (not started from "
             f"{settings.state_dir}); stop it or choose another port (SERVER_PORT=…)."
         )
+    auth = auth_environment(settings) if settings.auth else {}
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", settings.backend_uri(),
-        "--artifacts-destination", str(settings.artifact_dir),
-        "--host", settings.host, "--port", str(settings.port),
-        "--workers", str(settings.workers),
-    ]  # fmt: skip
+    command = server_command(settings)
     bin_dir = str(Path(sys.executable).parent)  # mlflow server execs uvicorn from the venv
-    env = os.environ | {
-        "PGPASSWORD": settings.db_password,  # libpq reads it: no password in the URI or `ps`
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = (
+        os.environ
+        | auth
+        | {
+            "PGPASSWORD": settings.db_password,  # libpq reads it: no password in the URI or `ps`
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
     with open(settings.log_file, "w") as log:
         process = subprocess.Popen(
             command,
@@ -384,6 +468,8 @@ def group_members(pgid: int) -> list[int]:
 
 def start(settings: Settings) -> None:
     """PostgreSQL, the role and database, then the MLflow server; returns once it answers."""
+    if settings.auth:
+        admin_password()  # refused before anything starts
     if settings.cluster == "":
         if settings.db_port is None:
             raise ServerError("with an external PostgreSQL (cluster ''), give its db_port")
@@ -396,7 +482,12 @@ def start(settings: Settings) -> None:
         f"MLflow tracking server (pid {pid}) at {settings.url}, backend "
         f"{settings.backend_uri()}, artifacts in {settings.artifact_dir}, log "
         f"{settings.log_file}. Train against it: python train.py tracking=server"
-        + ("" if settings.port == DEFAULT_PORT else f" tracking.uri={settings.url}"),
+        + ("" if settings.port == DEFAULT_PORT else f" tracking.uri={settings.url}")
+        + (
+            " (basic auth: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+            if settings.auth
+            else ""
+        ),
         file=sys.stderr,
     )
 
@@ -439,6 +530,14 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--artifacts", type=Path, help="default: <state-dir>/artifacts")
     cli.add_argument("--db-port", type=int, help="default: the Debian cluster's port")
     cli.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds")
+    cli.add_argument(
+        "--auth",
+        action="store_true",
+        help=f"MLflow's basic auth; the admin password comes from ${ADMIN_PASSWORD_ENV}",
+    )
+    cli.add_argument("--host", default=defaults.host, help="address to bind (127.0.0.1)")
+    cli.add_argument("--allowed-hosts", help="mlflow server --allowed-hosts (Host headers)")
+    cli.add_argument("--cors-allowed-origins", help="mlflow server --cors-allowed-origins")
     return cli
 
 
@@ -452,6 +551,10 @@ def main(argv: list[str] | None = None) -> None:
         artifacts=args.artifacts,
         db_port=args.db_port,
         timeout_s=args.timeout,
+        auth=args.auth,
+        host=args.host,
+        allowed_hosts=args.allowed_hosts,
+        cors_allowed_origins=args.cors_allowed_origins,
     )
     try:
         if args.command == "start":

@@ -5,11 +5,15 @@ same config trains on 8×8 digits resized to 32 or on CIFAR-10, and a sweep over
 the whole network. Each ``conf/model/*.yaml`` names its builder as ``_target_``. A builder refuses
 an image size its pooling would shrink to nothing (ValueError); the config check builds the model
 on the meta device to find that out before any data is loaded.
+
+``torchvision_model`` builds any torchvision classification model by name, sized to the data the
+same way (``model=torchvision model.arch=resnet18``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -174,6 +178,86 @@ def resnet(
     """ResNet-18 for small images (width 64 is the usual CIFAR ResNet-18)."""
     del image_size  # global pooling makes the network independent of the resolution
     return ResNet(width, in_channels, num_classes, tuple(blocks_per_stage))
+
+
+# Keyword arguments some torchvision builders need to train from scratch on any data: a single
+# output (no auxiliary classifiers, whose extra logits the loop would not know what to do with),
+# and their own weight initialisation chosen explicitly (torchvision warns otherwise).
+TORCHVISION_FIXED_OPTIONS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+# Families whose constructor fixes the image size: the argument that sets it, by name prefix.
+TORCHVISION_SIZE_ARGUMENTS = {"vit_": "image_size", "maxvit_": "input_size"}
+
+
+def torchvision_archs() -> list[str]:
+    """The names of torchvision's classification models (``resnet18``, ``vit_b_16``, …)."""
+    from torchvision import models  # torchvision is slow to import; only these models need it
+
+    return sorted(models.list_models(module=models))
+
+
+def torchvision_model(
+    width: int,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    arch: str = "resnet18",
+    options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A torchvision classification model, untrained, sized to the data.
+
+    ``num_classes`` sets its head; a ViT or MaxViT is built for ``image_size`` (other models
+    take any size their pooling survives); data with other than 3 channels gets a first
+    convolution of ``in_channels`` (``adapt_input_channels``). ``width`` is not used: the
+    architecture fixes its widths. ``options`` go to torchvision's builder as they are
+    (``{"width_mult": 0.5}`` for ``mobilenet_v2``, ``{"dropout": 0.2}``, …).
+    """
+    from torchvision import models
+
+    del width
+    arguments: dict[str, Any] = {**TORCHVISION_FIXED_OPTIONS.get(arch, {}), **(options or {})}
+    for prefix, argument in TORCHVISION_SIZE_ARGUMENTS.items():
+        if arch.startswith(prefix):
+            size = (image_size, image_size) if argument == "input_size" else image_size
+            arguments.setdefault(argument, size)
+    model = models.get_model(arch, weights=None, num_classes=num_classes, **arguments)
+    return adapt_input_channels(model, in_channels, arch)
+
+
+def adapt_input_channels(model: nn.Module, in_channels: int, name: str) -> nn.Module:
+    """Give ``model``'s first RGB convolution ``in_channels`` input channels (in place).
+
+    Chosen over repeating a grayscale channel three times: the network then reads the data as
+    it is, costs nothing extra, and its rolled graph has one input vertex per real channel,
+    like the built-in models', instead of three copies of one. The new convolution keeps the
+    old one's kernel, stride, padding and bias, freshly initialised (nothing is pretrained).
+    """
+    if in_channels == 3:
+        return model
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3 and child.groups == 1:
+                setattr(parent, child_name, conv_like(child, in_channels))
+                return model
+    raise ValueError(f"{name} has no 3-channel convolution to read {in_channels}-channel images")
+
+
+def conv_like(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A new convolution like ``conv`` but reading ``in_channels`` channels."""
+    return nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
 
 
 # Training builds its network from the model config's ``_target_`` (one of the builders above;

@@ -1,0 +1,135 @@
+"""A tracking server that goes away mid-run, for longer than MLflow's HTTP retries, and comes
+back: training goes on, and every metric of every epoch reaches the server; ``mlflow-tg replay``
+delivers what a run could not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+
+from mlflow_tg import keys
+from mlflow_tg.tracking.spool import JOURNAL, Spool, read_journal, replay
+from tests.conftest import CONF_DIR
+from tests.servers import crash, free_port, mlflow_server_command, running_server
+
+ROOT = CONF_DIR.parent
+EPOCHS = 40
+# MLflow's own retries kept short: each failed call gives up after a few seconds, so the
+# outage below outlasts them many times over.
+FAST_FAILING = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+
+def test_a_spool_left_undelivered_is_replayed_once(client: MlflowClient, tmp_path: Path):
+    experiment = client.create_experiment("tests")
+    run_id = client.create_run(experiment).info.run_id
+    spool = Spool(tmp_path / "spool", run_id, client.tracking_uri)  # its courier never starts
+    for epoch in range(3):
+        spool.append("metrics", step=epoch, values={"val_acc": epoch / 10, "val_loss": 1.0})
+    spool.append("tag", key="diverged", value="false")
+    table = tmp_path / "history.parquet"
+    pl.DataFrame({"epoch": [0, 1, 2]}).write_parquet(table)
+    spool.add_file(table, None)
+    assert spool.close(RunStatus.FINISHED, timeout_s=0) is False  # nothing could be delivered
+    assert client.get_run(run_id).info.status == "RUNNING"
+    _, records, delivered = read_journal(tmp_path / "spool")
+    assert delivered == 0 and records[-1]["op"] == "end"
+    assert replay(tmp_path / "spool") == (run_id, 6)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "false"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+    assert sorted(steps) == [0, 1, 2]
+    assert [a.path for a in client.list_artifacts(run_id)] == [keys.HISTORY]
+    assert replay(tmp_path / "spool") == (run_id, 0)  # delivered once: nothing twice
+
+
+def test_replay_names_a_folder_that_is_no_spool(tmp_path: Path, capsys):
+    from mlflow_tg.serve.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and str(tmp_path) in err and JOURNAL in err
+    assert "Traceback" not in err
+
+
+def journal_of(folder: Path) -> list[dict]:
+    found = list((folder / "outputs").glob(f"*/*/spool/{JOURNAL}"))
+    if not found:
+        return []
+    return [json.loads(line) for line in found[0].read_text().splitlines()[1:] if line]
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: timed out; {log.read_text()[-3000:]}"
+        assert process.poll() is None, f"{what}: training exited; {log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def server_metrics(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_a_server_outage_mid_run_loses_nothing_and_the_run_finishes(tmp_path: Path):
+    port, url = free_port(), ""
+    url = f"http://127.0.0.1:{port}"
+    command = mlflow_server_command(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", port)
+    env = os.environ | FAST_FAILING
+    log = tmp_path / "train.log"
+    with running_server(command, f"{url}/health", tmp_path / "server1.log") as server:
+        with open(log, "w") as output:
+            training = subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), "model=mlp", "width=2", "graph=off",
+                 "device=cpu", "num_threads=1", f"epochs={EPOCHS}", "tracking=server",
+                 f"tracking.uri={url}", "tracking.drain_timeout_s=300"],
+                cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        client = MlflowClient(url)
+
+        def some_epochs_on_the_server() -> bool:
+            found = client.get_experiment_by_name("mlflow_tg")
+            runs = [] if found is None else client.search_runs([found.experiment_id])
+            return bool(runs) and "val_acc" in runs[0].data.metrics
+
+        wait_for(some_epochs_on_the_server, "first epochs", training, log)
+        crash(server)
+    # Down for good: training goes on to its test evaluation, its writes journaled.
+    wait_for(
+        lambda: any(keys.TEST_ACC in r.get("values", {}) for r in journal_of(tmp_path)),
+        "training to the end while the server is down", training, log,
+    )  # fmt: skip
+    time.sleep(15)  # the outage outlasts MLflow's retries several times over
+    assert training.poll() is None  # waiting for the server, not failed
+    with running_server(command, f"{url}/health", tmp_path / "server2.log"):
+        assert training.wait(timeout=300) == 0, log.read_text()[-3000:]
+        client = MlflowClient(url)
+        (run,) = client.search_runs([client.get_experiment_by_name("mlflow_tg").experiment_id])
+        assert run.info.status == "FINISHED"
+        run_id = run.info.run_id
+        for key in (keys.VAL_ACC, keys.VAL_LOSS):
+            assert server_metrics(client, run_id, key) == list(range(EPOCHS + 1))
+        for key in (keys.TRAIN_LOSS, keys.TRAIN_ACC, keys.EPOCH_TIME, keys.LEARNING_RATE):
+            assert server_metrics(client, run_id, key) == list(range(1, EPOCHS + 1))
+        assert server_metrics(client, run_id, keys.TEST_ACC) == [EPOCHS]
+        history = Path(client.download_artifacts(run_id, keys.HISTORY, str(tmp_path)))
+        assert pl.read_parquet(history)["epoch"].to_list() == list(range(EPOCHS + 1))
+        assert "completed" in run.data.tags[keys.NOTE]
+    output = log.read_text()
+    assert "does not answer" in output and "answers again" in output
+    assert "Traceback" not in output
