@@ -13,7 +13,7 @@ APT_PACKAGES := python3-graph-tool python3-venv chromium fonts-liberation
 PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-slow lint format bench population offgrid pruned-sweep predictor serve predict ui clean \
+.PHONY: setup run test test-slow lint format bench population offgrid hard-population pruned-sweep predictor serve predict ui clean \
 	server-start server-stop server-status bench-scale
 
 setup: $(STAMP)
@@ -76,6 +76,10 @@ population: setup
 
 offgrid: setup
 	$(PY) train.py -m +experiment=offgrid hydra/launcher=joblib hydra.launcher.n_jobs=2
+
+# VGG with BatchNorm only, where the configuration does not decide the outcome (192 runs).
+hard-population: setup
+	$(PY) train.py -m +experiment=hard hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 predictor: setup
 	$(PY) -m mlflow_tg.predictor

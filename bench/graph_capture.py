@@ -62,7 +62,9 @@ def measure_model(name: str, threads: int) -> dict:
     refresh_s, _ = seconds(lambda: builder.refresh(model))
 
     def centralities(names):
-        return compute_centralities(lambda: builder.graph, names, adjacency=builder.adjacency())
+        return compute_centralities(
+            lambda: builder.graph, names, adjacency=builder.adjacency(threads)
+        )
 
     # first, as a run's capture: the default centralities never build the graph-tool graph
     default_s, _ = seconds(lambda: centralities(DEFAULT))  # together: one shared eigsh
@@ -123,7 +125,9 @@ def networkx_versus_graph_tool(name: str, threads: int) -> dict:
     model = make()
     builder = RolledGraphBuilder(model, input_shape)
     graph = builder.build(model)
-    gt_s, _ = seconds(lambda: compute_centralities(graph, DEFAULT, adjacency=builder.adjacency()))
+    gt_s, _ = seconds(
+        lambda: compute_centralities(graph, DEFAULT, adjacency=builder.adjacency(threads))
+    )
 
     def networkx_work():
         nx_graph = nx.Graph()

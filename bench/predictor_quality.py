@@ -309,7 +309,7 @@ def main() -> None:
     )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--sets", nargs="*", default=SETS, help="feature sets to score")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=200, help="0: no latency")
     args = parser.parse_args()
     cfg = compose_config([], name="predictor")
     mlflow.set_tracking_uri(args.tracking_uri)
@@ -340,16 +340,18 @@ def main() -> None:
         print_k(k, results[k])
         print_gaps(results[k])
         print_protocols(results[k])
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path, row = save_combined_model(records, cfg, Path(tmp))
-        speed = latency(model_path, row, args.requests)
-    endpoint, local = speed["endpoint"], speed["in_process"]
-    print(
-        f"\nlatency of {args.requests} single-row predictions, k=3 graph+curve+hparams model "
-        f"({len(row)} features): endpoint median {endpoint['median_ms']:.2f} ms, p99 "
-        f"{endpoint['p99_ms']:.2f} ms; in-process median {local['median_ms']:.2f} ms, p99 "
-        f"{local['p99_ms']:.2f} ms"
-    )
+    speed = {}
+    if args.requests:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_path, row = save_combined_model(records, cfg, Path(tmp))
+            speed = latency(model_path, row, args.requests)
+        endpoint, local = speed["endpoint"], speed["in_process"]
+        print(
+            f"\nlatency of {args.requests} single-row predictions, k=3 graph+curve+hparams model "
+            f"({len(row)} features): endpoint median {endpoint['median_ms']:.2f} ms, p99 "
+            f"{endpoint['p99_ms']:.2f} ms; in-process median {local['median_ms']:.2f} ms, p99 "
+            f"{local['p99_ms']:.2f} ms"
+        )
     quality = {str(k): v["rows"] for k, v in results.items()}
     summary = {"runs": len(records), "noise_ceiling": twins, "latency": speed, "quality": quality}
     print(json.dumps(summary))

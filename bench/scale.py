@@ -1,7 +1,8 @@
 """Load and fault benchmark: many training jobs at once on one tracking store, nothing lost.
 
-    python bench/scale.py [--jobs 8 16] [--epochs 5] [--restart-jobs 16] [--no-speedup]
-                          [--speedup-jobs 4] [--speedup-epochs 3] [--no-server]
+    python bench/scale.py [--jobs 8 16] [--epochs 5] [--restart-jobs 16] [--no-server]
+                          [--speedup-sweep lenet|population|none] [--speedup-jobs 4]
+                          [--speedup-epochs 3]
 
 1. ``--jobs`` concurrent ``train.py`` jobs (lenet, width 4, graph capture on, one thread
    each, ``--epochs`` epochs on digits) against the PostgreSQL-backed tracking server of
@@ -15,8 +16,12 @@
    and every other key a job wrote by its spool journal: the graph summaries), and reports
    metric values written per second of the sweep's wall time (from the release to the last
    job's exit: training is most of it).
-3. The same small sweep (``--speedup-jobs`` lenet jobs, 4 by default) run sequentially, then
-   by the joblib launcher with 2 jobs, side by side: the speed-up.
+3. One sweep run sequentially, by the joblib launcher with 2 jobs, and as two sequential
+   halves in two processes at once (what two cores give with no launcher: the ceiling),
+   one after the other: the speed-up. ``--speedup-sweep lenet`` (default): ``--speedup-jobs``
+   lenet jobs of ``--speedup-epochs`` epochs; ``population``: 16 jobs of the predictor's
+   population (``+experiment=population model=vgg,resnet width=6,8 optimizer.lr=0.016,0.063
+   optimizer.weight_decay=0 seed=0,1``, about 6 minutes sequentially).
 
 Prints one line per sweep; the machine's load average before and after, since the cores may
 be shared.
@@ -208,30 +213,53 @@ def sqlite_sweeps(folder: Path, sizes: list[int], epochs: int) -> None:
         print(sweep(store, jobs, epochs, uri).line("embedded SQLite"), flush=True)
 
 
-def timed_multirun(folder: Path, launcher: list[str], jobs: int, epochs: int) -> float:
-    """Seconds one multirun of ``jobs`` seeds takes with ``launcher``."""
+# 16 jobs of the predictor's population, about 25 s each: jobs long enough to pay a worker's
+# imports back (--speedup-sweep population)
+POPULATION_JOBS = ["+experiment=population", "model=vgg,resnet", "width=6,8",
+                   "optimizer.lr=0.016,0.063", "optimizer.weight_decay=0"]  # fmt: skip
+
+
+def multirun(folder: Path, overrides: list[str], launcher: list[str]) -> subprocess.Popen:
+    """Start one ``train.py -m`` sweep on its own SQLite store in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()
-    seeds = ",".join(str(seed) for seed in range(jobs))
-    command = [sys.executable, str(ROOT / "train.py"), "-m", *launcher, *JOB, f"epochs={epochs}",
-               f"seed={seeds}", f"tracking.uri={uri}"]  # fmt: skip
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *launcher, *overrides,
+               f"tracking.uri={uri}", f"hydra.sweep.dir={folder / 'multirun'}"]  # fmt: skip
+    return subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def timed(*sweeps: subprocess.Popen) -> float:
+    """Seconds until every sweep, started just now, has ended; raises if one failed."""
     started = time.monotonic()
-    subprocess.run(command, cwd=folder, check=True, capture_output=True)
+    for sweep in sweeps:
+        _, errors = sweep.communicate()
+        if sweep.returncode:
+            raise RuntimeError(f"sweep failed:\n{errors.decode()[-2000:]}")
     return time.monotonic() - started
 
 
-def speedup(folder: Path, jobs: int, epochs: int) -> None:
-    """Sequential then joblib with 2 jobs, the same sweep.
+def speedup(folder: Path, overrides: list[str], seeds: list[int], label: str) -> None:
+    """One sweep sequentially, with joblib on 2 workers, and as two sequential halves at once.
 
-    Each joblib worker imports torch and MLflow once: short jobs do not pay that back.
+    The halves (each seed of half the sweep, in its own process and store) are what two cores
+    give with no launcher at all: the machine's own ceiling for the joblib speed-up.
     """
-    sequential = timed_multirun(folder / "sequential", [], jobs, epochs)
-    joblib = timed_multirun(
-        folder / "joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], jobs, epochs
+
+    def with_seeds(some: list[int]) -> list[str]:
+        return [*overrides, f"seed={','.join(map(str, some))}"]
+
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    sequential = timed(multirun(folder / "sequential", with_seeds(seeds), []))
+    parallel = timed(multirun(folder / "joblib", with_seeds(seeds), joblib))
+    halves = [seeds[::2], seeds[1::2]]
+    side_by_side = timed(
+        *(multirun(folder / f"half{i}", with_seeds(half), []) for i, half in enumerate(halves))
     )
-    print(f"{jobs}-job sweep (lenet w4, {epochs} epochs): sequential {sequential:.1f} s, joblib "
-          f"n_jobs=2 {joblib:.1f} s, speed-up {sequential / joblib:.2f}x", flush=True)  # fmt: skip
+    print(f"{label}: sequential {sequential:.1f} s, joblib n_jobs=2 {parallel:.1f} s "
+          f"(speed-up {sequential / parallel:.2f}x), two sequential halves side by side "
+          f"{side_by_side:.1f} s (the machine's ceiling, {sequential / side_by_side:.2f}x)",
+          flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -240,7 +268,7 @@ def main() -> None:
     cli.add_argument("--jobs", type=int, nargs="+", default=[8, 16])
     cli.add_argument("--epochs", type=int, default=5)
     cli.add_argument("--restart-jobs", type=int, default=16, help="the sweep with a restart")
-    cli.add_argument("--no-speedup", action="store_true")
+    cli.add_argument("--speedup-sweep", choices=["lenet", "population", "none"], default="lenet")
     cli.add_argument("--speedup-jobs", type=int, default=4, help="jobs of the speed-up sweep")
     cli.add_argument("--speedup-epochs", type=int, default=3)
     cli.add_argument("--no-server", action="store_true", help="skip the PostgreSQL sweeps")
@@ -254,8 +282,13 @@ def main() -> None:
                 sys.exit("the server sweeps need root and Debian's PostgreSQL; --no-server")
             server_sweeps(folder, args.jobs, args.epochs, args.restart_jobs)
         sqlite_sweeps(folder, args.jobs, args.epochs)
-        if not args.no_speedup:
-            speedup(folder, args.speedup_jobs, args.speedup_epochs)
+        if args.speedup_sweep == "population":
+            speedup(folder / "population", POPULATION_JOBS, [0, 1], "16 population jobs")
+        elif args.speedup_sweep == "lenet":
+            lenet = [*JOB, f"epochs={args.speedup_epochs}"]
+            seeds = list(range(args.speedup_jobs))
+            label = f"{args.speedup_jobs} lenet jobs of {args.speedup_epochs} epochs"
+            speedup(folder / "lenet", lenet, seeds, label)
     finally:
         print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
     shutil.rmtree(folder, ignore_errors=True)

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import SqueezeExcitation
 
-from mlflow_tg.graph.build import RolledGraphBuilder
+from mlflow_tg.graph.build import FLOAT32_FROM_EDGES, RolledGraphBuilder, weight_dtype
 from mlflow_tg.graph.centrality import CENTRALITIES, compute_centralities
 from mlflow_tg.graph.trace import GraphUnsupportedError
 from mlflow_tg.graph.weights import NonFiniteWeightsError, block_weights
@@ -580,6 +580,45 @@ def test_block_products_equal_graph_tools_adjacency(model, input_shape):
     np.testing.assert_allclose(adjacency.undirected @ x, undirected @ x, rtol=1e-12)
     np.testing.assert_allclose(adjacency.flow @ x, flow @ x, rtol=1e-12)
     np.testing.assert_allclose(adjacency.flow.T @ x, flow.T @ x, rtol=1e-12)
+
+
+def test_threads_share_out_the_products_without_changing_them():
+    from mlflow_tg.graph.operator import THREADED_FROM_EDGES
+
+    model = seeded(torchvision.models.resnet18(num_classes=10))
+    builder = RolledGraphBuilder(model, (3, 32, 32))
+    builder.refresh(model)
+    assert builder.weights.size >= THREADED_FROM_EDGES  # large enough to be shared out
+    x = np.random.default_rng(0).random(builder.num_vertices)
+    alone = builder.adjacency(threads=1).undirected @ x
+    shared = builder.adjacency(threads=2).undirected @ x
+    np.testing.assert_allclose(shared, alone, rtol=1e-12)
+
+
+def test_large_graphs_hold_their_weights_in_float32():
+    assert weight_dtype("auto", FLOAT32_FROM_EDGES - 1) == np.float64
+    assert weight_dtype("auto", FLOAT32_FROM_EDGES) == np.float32
+    assert weight_dtype("float64", FLOAT32_FROM_EDGES) == np.float64
+    assert weight_dtype("float32", 10) == np.float32
+    with pytest.raises(ValueError, match="precision='half'"):
+        weight_dtype("half", 10)
+
+
+def test_float32_centralities_agree_with_float64_ones():
+    model = seeded(torchvision.models.mobilenet_v3_small(num_classes=10))
+    names = ["strength", "eigenvector", "pagerank", "katz", "hits_authority"]
+    results = {}
+    for precision in ("float32", "float64"):
+        builder = RolledGraphBuilder(model, (3, 32, 32), precision=precision)
+        builder.refresh(model)
+        assert builder.weights.dtype == precision
+        adjacency = builder.adjacency()
+        results[precision] = compute_centralities(lambda: None, names, adjacency=adjacency)
+    for name in names:
+        single, double = results["float32"][name], results["float64"][name]
+        assert single.dtype == np.float64
+        # relative to the largest value: float32 resolves ~1e-7, the solvers stop at 1e-6
+        np.testing.assert_allclose(single, double, rtol=0, atol=1e-5 * double.max(), err_msg=name)
 
 
 def test_centralities_from_block_products_equal_those_from_graph_tool_matrices():

@@ -224,6 +224,18 @@ def test_an_input_shape_that_does_not_fit_is_one_clear_paragraph(capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("norm", "named"),
+    [(nn.BatchNorm2d(5), "module '1'"), (nn.BatchNorm1d(4), "module '1'")],
+    ids=["wrong channels", "wrong dimensions"],
+)
+def test_a_batchnorm_that_does_not_fit_its_input_is_refused(norm, named):
+    # BatchNorm's shape is taken from its input without running it: only when it fits
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm, nn.Flatten(), nn.Linear(36, 2))
+    with pytest.raises(GraphUnsupportedError, match=named):
+        RolledGraphBuilder(model, (3, 3, 3))
+
+
 class WithBuffer(nn.Module):
     """A conv reading its input concatenated with a fixed coordinate map (a buffer)."""
 

@@ -54,6 +54,14 @@ class Centrality(NamedEnum):
     closeness = "closeness"
 
 
+class Precision(NamedEnum):
+    """The float type of the edge weights (``mlflow_tg.graph.build.weight_dtype``)."""
+
+    auto = "auto"  # float64, float32 from 2**24 edges on
+    float32 = "float32"
+    float64 = "float64"
+
+
 def is_whole_number(value: Any) -> bool:
     """True for ints, not bools (``True`` is an int in Python, not a width)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -382,6 +390,7 @@ class GraphConfig(Checked):
     save_graph: bool = False
     node_tables: bool = True
     threads: int = 2
+    precision: Precision = Precision.auto
 
     def __post_init__(self) -> None:
         for name, minimum in (("every_n_epochs", 1), ("pivots", 1), ("sources", 1)):

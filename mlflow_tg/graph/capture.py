@@ -13,6 +13,7 @@ not converge, is skipped with a warning and listed in the ``mlflow_tg.capture_sk
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,9 @@ class GraphCapture:
         """Trace the model's structure; raises GraphUnsupportedError before any run starts."""
         self.cfg = cfg
         set_threads(cfg.threads)
-        self.builder = RolledGraphBuilder(model, input_shape, fold_batchnorm=cfg.fold_batchnorm)
+        self.builder = RolledGraphBuilder(
+            model, input_shape, fold_batchnorm=cfg.fold_batchnorm, precision=str(cfg.precision)
+        )
         self.trajectory: list[dict[str, float]] = []
         self.skipped: list[int] = []
 
@@ -60,7 +63,7 @@ class GraphCapture:
                 pivots=self.cfg.pivots,
                 sources=self.cfg.sources,
                 seed=self.cfg.seed,
-                adjacency=self.builder.adjacency(),
+                adjacency=self.builder.adjacency(self.cfg.threads or os.cpu_count() or 1),
             )
         except (NonFiniteWeightsError, ConvergenceError) as error:
             # one snapshot without a graph is no reason to end the training run

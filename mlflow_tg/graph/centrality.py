@@ -151,6 +151,7 @@ class _Context:
     ) -> None:  # fmt: skip
         self.source, self.pivots, self.sources, self.seed = graph, pivots, sources, seed
         self.given = adjacency
+        self.tolerance = 1e-10 if adjacency is None else adjacency.tolerance
         self.n = self.graph.num_vertices() if adjacency is None else adjacency.undirected.shape[0]
 
     @cached_property
@@ -186,7 +187,7 @@ class _Context:
     @cached_property
     def perron(self) -> tuple[float, np.ndarray]:
         """λ_max and the Perron eigenvector of W, shared by eigenvector and katz."""
-        return _perron(self.undirected, self.strength)
+        return _perron(self.undirected, self.strength, self.tolerance)
 
     @cached_property
     def positive(self) -> gt.Graph:
@@ -203,11 +204,11 @@ class _Context:
             return self.graph.new_edge_property("double", vals=1.0 / self.weight.a)
 
 
-def _perron(adjacency, strength: np.ndarray) -> tuple[float, np.ndarray]:
+def _perron(adjacency, strength: np.ndarray, tolerance: float) -> tuple[float, np.ndarray]:
     """Largest eigenvalue and its eigenvector (absolute, L2 norm 1) of a symmetric matrix ≥ 0.
 
     ``strength`` is ``adjacency @ 1``; when it is all zero so is the matrix, without a Perron
-    vector.
+    vector. ``tolerance`` is ARPACK's relative accuracy of the eigenpair.
     """
     n = adjacency.shape[0]
     if not strength.any():
@@ -220,7 +221,7 @@ def _perron(adjacency, strength: np.ndarray) -> tuple[float, np.ndarray]:
         # magnitude. A positive start vector overlaps the non-negative Perron vector and keeps
         # ARPACK deterministic.
         # tol 1e-10 instead of machine precision: a third faster, vector off by ~1e-12.
-        values, vectors = eigsh(adjacency, k=1, which="LA", v0=np.ones(n), tol=1e-10)
+        values, vectors = eigsh(adjacency, k=1, which="LA", v0=np.ones(n), tol=tolerance)
         value, vector = values[0], vectors[:, 0]
     vector = np.abs(vector)
     return float(value), vector / np.linalg.norm(vector)
@@ -284,7 +285,7 @@ def _pagerank(context: _Context) -> np.ndarray:
     inv_sqrt = np.zeros(context.n)
     inv_sqrt[weighted] = 1 / np.sqrt(strength[weighted])
     y = conjugate_gradient(
-        lambda v: v - damping * inv_sqrt * (adjacency @ (inv_sqrt * v)), inv_sqrt
+        lambda v: v - damping * inv_sqrt * (adjacency @ (inv_sqrt * v)), inv_sqrt, context.tolerance
     )
     rank = np.ones(context.n)  # a vertex without weight only gets c
     rank[weighted] = np.sqrt(strength[weighted]) * y[weighted]
@@ -300,7 +301,9 @@ def _katz(context: _Context) -> np.ndarray:
     # comparable between graphs. (I - αW) x = 1 is then symmetric positive definite (eigenvalues
     # in [1 - f, 1 + f], f = KATZ_ALPHA_FRACTION): CG needs ~20 products.
     alpha, adjacency = KATZ_ALPHA_FRACTION / spectral_radius, context.undirected
-    katz = conjugate_gradient(lambda v: v - alpha * (adjacency @ v), np.ones(context.n))
+    katz = conjugate_gradient(
+        lambda v: v - alpha * (adjacency @ v), np.ones(context.n), context.tolerance
+    )
     return katz / np.linalg.norm(katz)
 
 
@@ -316,7 +319,7 @@ def _hits_authority(context: _Context) -> np.ndarray:
     if context.n <= _DENSE_MAX_VERTICES:
         left = np.linalg.svd(flow @ np.eye(context.n))[0][:, 0]
     else:
-        left = svds(flow, k=1, v0=np.ones(context.n))[0][:, 0]
+        left = svds(flow, k=1, v0=np.ones(context.n), tol=context.tolerance)[0][:, 0]
     authority = np.abs(left)
     return authority / authority.sum()
 
