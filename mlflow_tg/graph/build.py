@@ -20,9 +20,9 @@ from mlflow_tg.graph.trace import (
 from mlflow_tg.graph.weights import NonFiniteWeightsError, block_weights
 
 # Above this many edges the weights are held in float32. The spectral centralities read every
-# weight from memory about 100 times a capture, so half the bytes is nearly half the time; the
+# weight from memory 80 to 100 times a capture, so half the bytes is nearly half the time; the
 # solvers then stop at a relative residual of 1e-6 (float32 products resolve about 1e-7), which
-# moves a centrality by about 1e-6 of its value, far below what a summary can show.
+# moves a centrality by less than 1e-5 of its largest value (tested), below what a summary shows.
 FLOAT32_FROM_EDGES = 1 << 24
 SOLVER_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-6}
 
