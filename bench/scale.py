@@ -203,14 +203,19 @@ def server_sweeps(folder: Path, sizes: list[int], epochs: int, restart_jobs: int
             print(result.line("PostgreSQL server"), flush=True)
 
 
+def new_store(folder: Path) -> str:
+    """A SQLite store in ``folder``, its tables made before any job or timer starts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
 def sqlite_sweeps(folder: Path, sizes: list[int], epochs: int) -> None:
     """The sweeps on the embedded SQLite store, one file each (made before the jobs)."""
     for jobs in sizes:
         store = folder / f"sqlite{jobs}"
-        store.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{store / 'mlflow.db'}"
-        MlflowClient(uri).search_experiments()
-        print(sweep(store, jobs, epochs, uri).line("embedded SQLite"), flush=True)
+        print(sweep(store, jobs, epochs, new_store(store)).line("embedded SQLite"), flush=True)
 
 
 # 16 jobs of the predictor's population, about 25 s each: jobs long enough to pay a worker's
@@ -219,11 +224,8 @@ POPULATION_JOBS = ["+experiment=population", "model=vgg,resnet", "width=6,8",
                    "optimizer.lr=0.016,0.063", "optimizer.weight_decay=0"]  # fmt: skip
 
 
-def multirun(folder: Path, overrides: list[str], launcher: list[str]) -> subprocess.Popen:
-    """Start one ``train.py -m`` sweep on its own SQLite store in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
+def multirun(uri: str, folder: Path, overrides: list[str], launcher: list[str]) -> subprocess.Popen:
+    """Start one ``train.py -m`` sweep in ``folder``, logging to ``uri``."""
     command = [sys.executable, str(ROOT / "train.py"), "-m", *launcher, *overrides,
                f"tracking.uri={uri}", f"hydra.sweep.dir={folder / 'multirun'}"]  # fmt: skip
     return subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -250,12 +252,14 @@ def speedup(folder: Path, overrides: list[str], seeds: list[int], label: str) ->
         return [*overrides, f"seed={','.join(map(str, some))}"]
 
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    sequential = timed(multirun(folder / "sequential", with_seeds(seeds), []))
-    parallel = timed(multirun(folder / "joblib", with_seeds(seeds), joblib))
-    halves = [seeds[::2], seeds[1::2]]
-    side_by_side = timed(
-        *(multirun(folder / f"half{i}", with_seeds(half), []) for i, half in enumerate(halves))
-    )
+    stores = {arm: new_store(folder / arm) for arm in ("sequential", "joblib", "half0", "half1")}
+
+    def start(arm: str, some: list[int], launcher: list[str]) -> subprocess.Popen:
+        return multirun(stores[arm], folder / arm, with_seeds(some), launcher)
+
+    sequential = timed(start("sequential", seeds, []))
+    parallel = timed(start("joblib", seeds, joblib))
+    side_by_side = timed(start("half0", seeds[::2], []), start("half1", seeds[1::2], []))
     print(f"{label}: sequential {sequential:.1f} s, joblib n_jobs=2 {parallel:.1f} s "
           f"(speed-up {sequential / parallel:.2f}x), two sequential halves side by side "
           f"{side_by_side:.1f} s (the machine's ceiling, {sequential / side_by_side:.2f}x)",
