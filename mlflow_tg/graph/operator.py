@@ -66,6 +66,25 @@ def weight_blocks(blocks: list[EdgeBlock], weights: np.ndarray) -> list[tuple]:
     return parts
 
 
+def push(y: np.ndarray, x: np.ndarray, part: tuple) -> None:
+    """``y[outputs] += block @ x[inputs]``: what one block sends downstream."""
+    inputs, outputs, matrix, _ = part
+    if matrix.shape[1:] == (1, 1):  # one edge per output (joins, depthwise convs): element-wise
+        y[outputs] += matrix.ravel() * x[inputs]
+    else:
+        y[outputs] += (matrix @ x[inputs].reshape(matrix.shape[0], -1, 1)).ravel()
+
+
+def pull(y: np.ndarray, x: np.ndarray, part: tuple) -> None:
+    """``y[inputs] += blockᵀ @ x[outputs]``: what one block sends upstream."""
+    inputs, outputs, matrix, repeats = part
+    if matrix.shape[1:] == (1, 1):
+        pulled = matrix.ravel() * x[outputs]
+    else:
+        pulled = (matrix.transpose(0, 2, 1) @ x[outputs].reshape(matrix.shape[0], -1, 1)).ravel()
+    scatter_add(y, inputs, pulled, repeats)
+
+
 def flow_operator(blocks: list[EdgeBlock], weights: np.ndarray, n: int) -> LinearOperator:
     """The data-flow adjacency A (A[i, j] = w(j → i)) as a product over the dense layer blocks.
 
@@ -77,15 +96,14 @@ def flow_operator(blocks: list[EdgeBlock], weights: np.ndarray, n: int) -> Linea
 
     def downstream(x: np.ndarray) -> np.ndarray:  # y[i] = Σ_j w(j → i) x[j]
         x, y = as_weights(x, weights), np.zeros(n)
-        for inputs, outputs, matrix, _ in parts:
-            y[outputs] += (matrix @ x[inputs].reshape(matrix.shape[0], -1, 1)).ravel()
+        for part in parts:
+            push(y, x, part)
         return y
 
     def upstream(x: np.ndarray) -> np.ndarray:  # y[j] = Σ_i w(j → i) x[i]
         x, y = as_weights(x, weights), np.zeros(n)
-        for inputs, outputs, matrix, repeats in parts:
-            pulled = matrix.transpose(0, 2, 1) @ x[outputs].reshape(matrix.shape[0], -1, 1)
-            scatter_add(y, inputs, pulled.ravel(), repeats)
+        for part in parts:
+            pull(y, x, part)
         return y
 
     return LinearOperator((n, n), matvec=downstream, rmatvec=upstream, dtype=np.float64)
@@ -124,16 +142,9 @@ def undirected_operator(
 
     def product(x: np.ndarray, share: list[tuple]) -> np.ndarray:
         y = np.zeros(n)
-        for inputs, outputs, matrix, repeats in share:
-            groups = matrix.shape[0]
-            if matrix.shape[1:] == (1, 1):  # one edge per output (joins, depthwise convs)
-                diagonal = matrix.ravel()
-                y[outputs] += diagonal * x[inputs]
-                scatter_add(y, inputs, diagonal * x[outputs], repeats)
-                continue
-            y[outputs] += (matrix @ x[inputs].reshape(groups, -1, 1)).ravel()
-            pulled = matrix.transpose(0, 2, 1) @ x[outputs].reshape(groups, -1, 1)
-            scatter_add(y, inputs, pulled.ravel(), repeats)
+        for part in share:  # both directions of a block while it is in cache
+            push(y, x, part)
+            pull(y, x, part)
         return y
 
     def both_ways(x: np.ndarray) -> np.ndarray:
