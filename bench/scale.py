@@ -49,7 +49,7 @@ from mlflow_tg.tracking import server  # noqa: E402
 from mlflow_tg.tracking.spool import JOURNAL, read_journal  # noqa: E402
 from tests.servers import can_run_postgres, free_port, throwaway_postgres  # noqa: E402
 
-# Graph capture on (its 53 summaries per epoch and parquet tables are most of a run's writes)
+# Graph capture on (its 65 summaries per epoch and parquet tables are most of a run's writes)
 JOB = ["model=lenet", "width=4", "graph.threads=1", "device=cpu", "num_threads=1"]
 EVERY_EPOCH = (keys.VAL_LOSS, keys.VAL_ACC)  # epochs 0..E
 TRAINING = (keys.TRAIN_LOSS, keys.TRAIN_ACC, keys.EPOCH_TIME, keys.LEARNING_RATE)  # 1..E

@@ -24,8 +24,9 @@ def test_capture_logs_epoch_zero_and_every_epoch_tables_metrics_and_figure(make_
     result = train(make_cfg("model=lenet", "epochs=2"))
     run = client.get_run(result["run_id"])
     tg_keys = [key for key in run.data.metrics if key.startswith("tg.")]
-    # per default centrality: 9 statistics + 4 depth quartiles × (mean, gini); + 2 graph sizes
-    assert len(tg_keys) == 3 * (9 + 4 * 2) + 2 == 53
+    # per default centrality: 9 statistics + 4 depth quartiles × (mean, gini) + 3 scale-free;
+    # + 2 graph sizes, 2 of strength's growth and the spectral radius
+    assert len(tg_keys) == 3 * (9 + 4 * 2 + 3) + 2 + 2 + 1 == 65
     assert "capture_time_s" in run.data.metrics
     assert metric_steps(client, run.info.run_id, "tg.eigenvector/mean") == [0, 1, 2]
     nodes_dir = {a.path for a in client.list_artifacts(run.info.run_id, "graph/nodes")}
@@ -41,6 +42,29 @@ def test_capture_logs_epoch_zero_and_every_epoch_tables_metrics_and_figure(make_
     assert {"strength", "eigenvector", "pagerank"} <= set(nodes.columns)
     history = pl.read_parquet(client.download_artifacts(run.info.run_id, "history.parquet"))
     assert history["tg.eigenvector/mean"].null_count() == 0
+    # growth compares each layer with itself at the first capture: none at epoch 0, then some
+    assert history["tg.strength/growth.mean"][0] == 0.0
+    assert history["tg.strength/growth.mean"][1:].abs().min() > 0
+
+
+def test_spectral_radius_is_the_largest_eigenvalue_of_the_graph_adjacency():
+    """λ_max from the capture against a dense eigendecomposition of graph-tool's own matrix."""
+    from graph_tool import spectral
+
+    from mlflow_tg.graph.build import RolledGraphBuilder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 36, 5)
+    )
+    builder = RolledGraphBuilder(model, (1, 8, 8))
+    builder.refresh(model)
+    eigenvector = centrality.compute_centralities(
+        builder.graph, ["eigenvector"], adjacency=builder.adjacency()
+    )["eigenvector"]
+    radius = centrality.rayleigh_quotient(builder.adjacency().undirected, eigenvector)
+    dense = spectral.adjacency(builder.graph, weight=builder.graph.ep["weight"]).toarray()
+    assert radius == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-9)
 
 
 def test_capture_does_not_change_training(make_cfg, client):

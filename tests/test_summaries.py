@@ -9,11 +9,16 @@ import pytest
 from mlflow_tg.graph.centrality import CENTRALITIES
 from mlflow_tg.graph.summaries import (
     GLOBAL_STATS,
+    GROWTH_STATS,
+    SCALE_FREE_STATS,
     depth_buckets,
     gini,
+    growth,
     layer_table,
     node_table,
     normalised_entropy,
+    participation,
+    profile,
     summary_metrics,
 )
 
@@ -56,12 +61,13 @@ def test_summary_keys_are_the_documented_ones_and_values_match_numpy():
     nodes = toy_nodes()
     rng = np.random.default_rng(0)
     values = {name: rng.random(nodes.height) for name in CENTRALITIES}
-    metrics = summary_metrics(node_table(nodes, values), edges=40)
-    expected_keys = {"tg.graph/vertices", "tg.graph/edges"}
+    metrics = summary_metrics(node_table(nodes, values), edges=40, spectral_radius=2.5)
+    expected_keys = {"tg.graph/vertices", "tg.graph/edges", "tg.eigenvector/radius"}
+    expected_keys |= {f"tg.strength/{stat}" for stat in GROWTH_STATS}
     for name in CENTRALITIES:
-        expected_keys |= {f"tg.{name}/{stat}" for stat in GLOBAL_STATS}
+        expected_keys |= {f"tg.{name}/{stat}" for stat in GLOBAL_STATS + SCALE_FREE_STATS}
         expected_keys |= {f"tg.{name}/depth{b}.{s}" for b in range(4) for s in ("mean", "gini")}
-    assert set(metrics) == expected_keys and len(metrics) == 121
+    assert set(metrics) == expected_keys and len(metrics) == 145
     strength = values["strength"]
     assert metrics["tg.strength/mean"] == pytest.approx(strength.mean())
     assert metrics["tg.strength/std"] == pytest.approx(strength.std())
@@ -71,6 +77,46 @@ def test_summary_keys_are_the_documented_ones_and_values_match_numpy():
     assert metrics["tg.strength/depth0.mean"] == pytest.approx(strength[:6].mean())
     assert metrics["tg.strength/depth3.gini"] == pytest.approx(gini(strength[15:]))
     assert metrics["tg.graph/vertices"] == 18 and metrics["tg.graph/edges"] == 40
+    assert metrics["tg.eigenvector/radius"] == 2.5
+    assert metrics["tg.strength/participation"] == pytest.approx(participation(strength))
+    assert metrics["tg.strength/growth.mean"] == 0.0  # no first capture given: this is it
+
+
+def test_participation_is_the_share_of_vertices_the_values_spread_over():
+    assert participation(np.full(7, 0.2)) == pytest.approx(1.0)
+    assert participation(np.array([0.0, 0.0, 3.0, 0.0])) == pytest.approx(1 / 4)
+    assert participation(np.array([1.0, 1.0, 0.0, 0.0])) == pytest.approx(1 / 2)
+    # (1 + 4)² / (3 (1 + 16))
+    assert participation(np.array([1.0, 2.0, 0.0])) == pytest.approx(25 / 51)
+    assert participation(np.zeros(3)) == 0.0
+
+
+def hand_layers(sums: list[float], means: list[float]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"layer_index": range(len(sums)), "pagerank_sum": sums, "strength_mean": means}
+    )
+
+
+def test_profile_shares_out_a_centrality_over_the_layers():
+    shares = np.array([0.25, 0.25, 0.5])  # layers at depths 0, 0.5, 1
+    found = profile(hand_layers([1.0, 1.0, 2.0], [1.0] * 3), "pagerank")
+    assert found["profile.entropy"] == pytest.approx(-(shares * np.log(shares)).sum() / np.log(3))
+    assert found["profile.centroid"] == pytest.approx(0.5 * 0.25 + 1.0 * 0.5)
+    one_layer = profile(hand_layers([0.0, 0.0, 4.0], [1.0] * 3), "pagerank")
+    assert one_layer == {"profile.entropy": 0.0, "profile.centroid": 1.0}
+
+
+def test_growth_compares_each_layer_with_the_first_capture():
+    first = hand_layers([1.0] * 3, [1.0, 2.0, 4.0])
+    now = hand_layers([1.0] * 3, [1.0, 2.0, 16.0])  # only the last layer grew, 4x
+    found = growth(now, first)
+    assert found["growth.mean"] == pytest.approx(np.log(4) / 3)
+    # log ratios 0, 0, log 4 at depths 0, 0.5, 1: least-squares slope log 4
+    assert found["growth.depthslope"] == pytest.approx(np.log(4))
+    assert growth(first, first) == {"growth.mean": 0.0, "growth.depthslope": 0.0}
+    # a layer without strength then or now is left out, not a log of zero
+    dead = growth(hand_layers([1.0] * 3, [0.0, 2.0, 8.0]), first)
+    assert dead["growth.mean"] == pytest.approx(np.log(2) / 2)  # layers 1, 2: log 1, log 2
 
 
 def test_layer_table_aggregates_each_layer():

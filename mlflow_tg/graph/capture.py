@@ -19,12 +19,18 @@ import time
 from pathlib import Path
 
 import mlflow
+import polars as pl
 from omegaconf import DictConfig
 from torch import nn
 
 from mlflow_tg import keys
 from mlflow_tg.graph.build import RolledGraphBuilder
-from mlflow_tg.graph.centrality import ConvergenceError, compute_centralities, set_threads
+from mlflow_tg.graph.centrality import (
+    ConvergenceError,
+    compute_centralities,
+    rayleigh_quotient,
+    set_threads,
+)
 from mlflow_tg.graph.figures import trajectory_figure
 from mlflow_tg.graph.summaries import layer_table, node_table, summary_metrics
 from mlflow_tg.graph.weights import NonFiniteWeightsError
@@ -46,6 +52,7 @@ class GraphCapture:
         )
         self.trajectory: list[dict[str, float]] = []
         self.skipped: list[int] = []
+        self.first_layers: pl.DataFrame | None = None  # the first capture's, which growth reads
 
     def on_epoch(self, epoch: Epoch, run: RunLogger) -> None:
         """Capture at epoch 0 and every ``every_n_epochs``, adding the summaries to the epoch."""
@@ -57,23 +64,30 @@ class GraphCapture:
         start = time.perf_counter()
         try:
             self.builder.refresh(model)
+            adjacency = self.builder.adjacency(self.cfg.threads or os.cpu_count() or 1)
             centralities = compute_centralities(
                 lambda: self.builder.graph,  # built only for betweenness and closeness
                 list(self.cfg.centralities),
                 pivots=self.cfg.pivots,
                 sources=self.cfg.sources,
                 seed=self.cfg.seed,
-                adjacency=self.builder.adjacency(self.cfg.threads or os.cpu_count() or 1),
+                adjacency=adjacency,
             )
         except (NonFiniteWeightsError, ConvergenceError) as error:
             # one snapshot without a graph is no reason to end the training run
             self.skip(epoch, run, error)
             return {}
         nodes = node_table(self.builder.nodes, centralities)
-        metrics = summary_metrics(nodes, self.builder.num_edges)
+        layers = layer_table(nodes)
+        if self.first_layers is None:
+            self.first_layers = layers
+        radius = None
+        if "eigenvector" in centralities:  # its Rayleigh quotient: one product more
+            radius = rayleigh_quotient(adjacency.undirected, centralities["eigenvector"])
+        metrics = summary_metrics(nodes, self.builder.num_edges, self.first_layers, radius)
         if self.cfg.node_tables:
             run.log_table(nodes, keys.node_table_path(epoch))
-        run.log_table(layer_table(nodes), keys.layer_table_path(epoch))
+        run.log_table(layers, keys.layer_table_path(epoch))
         if self.cfg.save_graph:
             save_graph(self.builder.graph, epoch, run)
         self.trajectory.append({"epoch": epoch, **metrics})

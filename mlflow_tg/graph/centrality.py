@@ -227,6 +227,12 @@ def _perron(adjacency, strength: np.ndarray, tolerance: float) -> tuple[float, n
     return float(value), vector / np.linalg.norm(vector)
 
 
+def rayleigh_quotient(adjacency: Any, vector: np.ndarray) -> float:
+    """``xᵀ W x / xᵀ x``: λ_max for the Perron eigenvector, 0 for a zero vector."""
+    norm = float(vector @ vector)
+    return float(vector @ (adjacency @ vector)) / norm if norm > 0 else 0.0
+
+
 def _strength(context: _Context) -> np.ndarray:
     return context.strength.copy()
 

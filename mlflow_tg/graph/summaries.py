@@ -10,8 +10,21 @@ and per-layer detail lives in the parquet tables instead), for each centrality `
 - ``tg.C/depth{0..3}.{mean,gini}``: the same over the vertices of each depth quartile, layers
   being numbered in data-flow order (depth0 holds the input, depth3 the classifier);
 
-plus ``tg.graph/vertices`` and ``tg.graph/edges``: 121 keys with all seven centralities, 53
-with the default three.
+and three that do not shift with the network's width or depth, so that what is learned on
+narrow networks can be read on wide ones:
+
+- ``tg.C/participation``: ``(Σ c²)² / (N Σ c⁴)``, the share of the vertices the values are spread
+  over (1 = uniform, 1/N = one vertex; for the eigenvector, one over N times its inverse
+  participation ratio, the usual measure of an eigenvector's localisation);
+- ``tg.C/profile.entropy`` and ``tg.C/profile.centroid``: how the centrality's total is shared
+  out over the layers: the entropy of the layers' shares over log(layers), and their centre
+  of mass in depth (0 = the input layer, 1 = the last layer);
+
+plus ``tg.strength/growth.{mean,depthslope}``: the log ratio of each layer's mean strength to
+the same layer's at the run's first capture, averaged over the layers, and its least-squares
+slope against depth (> 0: the deep layers grew more); ``tg.eigenvector/radius``: the spectral
+radius λ_max of W, when the eigenvector is computed; and ``tg.graph/vertices`` and
+``tg.graph/edges``. That is 145 keys with all seven centralities, 65 with the default three.
 """
 
 from __future__ import annotations
@@ -23,6 +36,10 @@ from scipy import stats
 from mlflow_tg.keys import GRAPH_SIZE, graph_metric
 
 GLOBAL_STATS = ("mean", "std", "min", "q10", "q50", "q90", "max", "gini", "entropy")
+SCALE_FREE_STATS = ("participation", "profile.entropy", "profile.centroid")
+GROWN = "strength"  # the centrality whose level grows with the weights
+GROWTH_STATS = ("growth.mean", "growth.depthslope")
+RADIUS = ("eigenvector", "radius")
 DEPTH_BUCKETS = 4
 NODE_COLUMNS = ("node", "layer", "layer_index", "kind", "channel")
 
@@ -52,6 +69,47 @@ def statistics(values: np.ndarray) -> dict[str, float]:
         "q10": float(q10), "q50": float(q50), "q90": float(q90), "max": float(values.max()),
         "gini": gini(values), "entropy": normalised_entropy(values),
     }  # fmt: skip
+
+
+def participation(values: np.ndarray) -> float:
+    """``(Σ v²)² / (N Σ v⁴)``: 1 for equal values, 1/N for one non-zero, 0 for all zero."""
+    squares = values.astype(np.float64) ** 2
+    fourth = (squares**2).sum()
+    return float(squares.sum() ** 2 / (len(values) * fourth)) if fourth > 0 else 0.0
+
+
+def layer_depth(layers: pl.DataFrame) -> np.ndarray:
+    """Each layer's position in data-flow order, 0 (input) to 1 (last layer)."""
+    index = layers["layer_index"].to_numpy().astype(np.float64)
+    return index / index.max() if index.max() > 0 else np.zeros_like(index)
+
+
+def profile(layers: pl.DataFrame, name: str) -> dict[str, float]:
+    """Entropy (over log(layers)) and depth centroid of the layers' shares of a centrality."""
+    totals = layers[f"{name}_sum"].to_numpy()
+    if totals.sum() <= 0:
+        return {"profile.entropy": 0.0, "profile.centroid": 0.0}
+    shares = totals / totals.sum()
+    return {
+        "profile.entropy": normalised_entropy(shares),
+        "profile.centroid": float((layer_depth(layers) * shares).sum()),
+    }
+
+
+def growth(layers: pl.DataFrame, first: pl.DataFrame) -> dict[str, float]:
+    """Mean over layers of log(mean strength now / at the first capture), and its depth slope.
+
+    Layers without strength at either capture (nothing to compare) are left out.
+    """
+    now, then = layers["strength_mean"].to_numpy(), first["strength_mean"].to_numpy()
+    both = (now > 0) & (then > 0)
+    if not both.any():
+        return {"growth.mean": 0.0, "growth.depthslope": 0.0}
+    ratio = np.log(now[both] / then[both])
+    depth = layer_depth(layers)[both]
+    spread = ((depth - depth.mean()) ** 2).sum()
+    slope = ((depth - depth.mean()) * (ratio - ratio.mean())).sum() / spread if spread else 0.0
+    return {"growth.mean": float(ratio.mean()), "growth.depthslope": float(slope)}
 
 
 def node_table(nodes: pl.DataFrame, centralities: dict[str, np.ndarray]) -> pl.DataFrame:
@@ -90,8 +148,18 @@ def depth_buckets(layer_index: np.ndarray) -> np.ndarray:
     return np.minimum(layer_index * DEPTH_BUCKETS // layers, DEPTH_BUCKETS - 1)
 
 
-def summary_metrics(nodes: pl.DataFrame, edges: int) -> dict[str, float]:
-    """The ``tg.*`` metrics of one snapshot (keys in the module docstring)."""
+def summary_metrics(
+    nodes: pl.DataFrame,
+    edges: int,
+    first_layers: pl.DataFrame | None = None,
+    spectral_radius: float | None = None,
+) -> dict[str, float]:
+    """The ``tg.*`` metrics of one snapshot (keys in the module docstring).
+
+    ``first_layers``: the layer table of the run's first capture, which growth compares with
+    (None: this is the first capture, so no layer has grown). ``spectral_radius``: λ_max of W.
+    """
+    layers = layer_table(nodes)
     metrics = {
         graph_metric(GRAPH_SIZE, "vertices"): float(nodes.height),
         graph_metric(GRAPH_SIZE, "edges"): float(edges),
@@ -100,9 +168,16 @@ def summary_metrics(nodes: pl.DataFrame, edges: int) -> dict[str, float]:
     for name in centrality_columns(nodes):
         values = nodes[name].to_numpy()
         metrics |= {graph_metric(name, stat): value for stat, value in statistics(values).items()}
+        scale_free = {"participation": participation(values)} | profile(layers, name)
+        metrics |= {graph_metric(name, stat): value for stat, value in scale_free.items()}
         for bucket in range(DEPTH_BUCKETS):
             inside = values[buckets == bucket]
             if len(inside):  # empty only for networks of fewer than four layers
                 metrics[graph_metric(name, f"depth{bucket}.mean")] = float(inside.mean())
                 metrics[graph_metric(name, f"depth{bucket}.gini")] = gini(inside)
+    if GROWN in centrality_columns(nodes):
+        changed = growth(layers, layers if first_layers is None else first_layers)
+        metrics |= {graph_metric(GROWN, stat): value for stat, value in changed.items()}
+    if spectral_radius is not None:
+        metrics[graph_metric(*RADIUS)] = float(spectral_radius)
     return metrics
