@@ -198,6 +198,7 @@ def test_a_better_model_takes_the_champion_alias(population):
         ("feature_sets=graph+weights", "'graph+weights'"),
         ("holdout_fraction=1.5", "holdout_fraction=1.5"),
         ("selection_metric=accuracy", "selection_metric='accuracy'"),
+        ("select_on=transfer", "select_on='transfer'"),
         ("max_features=-5", "max_features=-5"),
         ("ks=[1,3]", "is not allowed with k=2: ks lists"),
         ("catboost.loss_function=RMSE", "catboost.loss_function='RMSE'"),
@@ -375,15 +376,21 @@ def test_auto_registers_the_compared_set_best_on_held_out_runs_and_logs_why(popu
     )
     result = fit_predictor(cfg)
     run = MlflowClient().get_run(result["run_id"])
-    scores = {s: run.data.metrics[f"holdout/{s}/all/kendall_tau"] for s in ("hparams", "curve")}
+    metrics = run.data.metrics
+    scores = {  # the lower of held-out and width-transfer τ: the default select_on
+        s: min(metrics[f"holdout/{s}/all/kendall_tau"], metrics[f"transfer/{s}/all/kendall_tau"])
+        for s in ("hparams", "curve")
+    }
     best = max(scores, key=scores.get)
     assert run.data.params["feature_sets"] == best
     assert run.data.params["feature_sets.requested"] == "auto"
     version = MlflowClient().get_model_version(name, result["version"])
     assert FeatureSpec.of_version(version).sets == best
     choice = run.data.tags["mlflow_tg.feature_sets_choice"]
-    assert choice.startswith(f"best held-out kendall_tau on all runs ({best} ")
-    assert f"{min(scores, key=scores.get)} " in choice
+    assert choice.startswith(
+        f"best lower of held-out and width-transfer kendall_tau on all runs ({best} "
+    )
+    assert f"{min(scores, key=scores.get)} {min(scores.values()):.3f} (held out " in choice
 
 
 def test_the_best_set_wins_ties_go_to_the_first_and_nan_never_wins():
@@ -397,6 +404,31 @@ def test_the_best_set_wins_ties_go_to_the_first_and_nan_never_wins():
     assert best_set(quality | {"graph": scores(0.7)}, ["graph", "curve"], "kendall_tau")[0] == (
         "graph"
     )
+
+
+def test_selecting_on_held_out_and_transfer_takes_the_lower_of_the_two():
+    def scores(held: float, moved: float) -> dict:
+        return {
+            "holdout": {"all": {"kendall_tau": held}},
+            "transfer": {"all": {"kendall_tau": moved}},
+        }
+
+    # graph is best held out but reads wide networks worst; curve is good both ways
+    quality = {"graph": scores(0.8, 0.5), "curve": scores(0.75, 0.7), "hparams": scores(0.6, 0.9)}
+    sets = ["graph", "curve", "hparams"]
+    assert best_set(quality, sets, "kendall_tau", "holdout")[0] == "graph"
+    chosen, why = best_set(quality, sets, "kendall_tau", "holdout_and_transfer")
+    assert chosen == "curve"
+    assert why == (
+        "best lower of held-out and width-transfer kendall_tau on all runs (curve 0.700 (held "
+        "out 0.750, transfer 0.700), hparams 0.600 (held out 0.600, transfer 0.900), graph 0.500 "
+        "(held out 0.800, transfer 0.500))"
+    )
+    # no transfer split (one width): the held-out score alone decides
+    alone = {
+        name: scores(q["holdout"]["all"]["kendall_tau"], math.nan) for name, q in quality.items()
+    }
+    assert best_set(alone, sets, "kendall_tau", "holdout_and_transfer")[0] == "graph"
 
 
 def test_selection_that_drops_a_whole_set_keeps_its_last_eliminated_column(caplog):

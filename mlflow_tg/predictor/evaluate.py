@@ -140,17 +140,37 @@ class Comparison:
         )
 
 
-def best_set(
-    quality: dict[str, dict[str, dict[str, dict[str, float]]]], sets: list[str], metric: str
-) -> tuple[str, str]:
-    """The set with the best held-out ``metric`` on all runs, and the evidence in words.
+SELECT_ON = ("holdout", "holdout_and_transfer")
 
-    Ties go to the set listed first; a NaN score never wins.
+
+def best_set(
+    quality: dict[str, dict[str, dict[str, dict[str, float]]]],
+    sets: list[str],
+    metric: str,
+    select_on: str = "holdout",
+) -> tuple[str, str]:
+    """The set with the best ``metric`` on all runs, and the evidence in words.
+
+    ``select_on="holdout"`` scores each set on the held-out configurations;
+    ``"holdout_and_transfer"`` by the lower of that and its width-transfer score, so that a set
+    must also read networks wider than it was fitted on (held-out alone where there is no
+    transfer split). Ties go to the set listed first; a NaN score never wins.
     """
-    scores = {name: quality[name]["holdout"]["all"][metric] for name in sets}
+    held = {name: quality[name]["holdout"]["all"][metric] for name in sets}
+    scores = held
+    if select_on == "holdout_and_transfer":
+        moved = {name: quality[name]["transfer"]["all"][metric] for name in sets}
+        scores = {name: np.nanmin([held[name], moved[name]]) if not np.isnan(held[name])
+                  else np.nan for name in sets}  # fmt: skip
     ranked = sorted(sets, key=lambda name: -np.nan_to_num(scores[name], nan=-np.inf))
-    evidence = ", ".join(f"{name} {scores[name]:.3f}" for name in ranked)
-    return ranked[0], f"best held-out {metric} on all runs ({evidence})"
+    if select_on == "holdout":
+        evidence = ", ".join(f"{name} {scores[name]:.3f}" for name in ranked)
+        return ranked[0], f"best held-out {metric} on all runs ({evidence})"
+    evidence = ", ".join(
+        f"{name} {scores[name]:.3f} (held out {held[name]:.3f}, transfer {moved[name]:.3f})"
+        for name in ranked
+    )
+    return ranked[0], f"best lower of held-out and width-transfer {metric} on all runs ({evidence})"
 
 
 def transfer_split(widths: list[float]) -> tuple[np.ndarray, str]:
@@ -173,7 +193,7 @@ def compare(
     """Held-out and width-transfer quality of each set, and of ranking by ``val_acc@k``.
 
     ``registered``: the set the registered version uses; None chooses the compared set with
-    the best held-out ``cfg.selection_metric``.
+    the best ``cfg.selection_metric`` on ``cfg.select_on`` (see ``best_set``).
     """
     narrow, transfer = transfer_split(dataset.frame["run_width"].to_list())
     wide = ~narrow if narrow.any() else narrow  # no transfer: no rows, NaN scores
@@ -200,7 +220,7 @@ def compare(
             for scores in subsets.values():
                 scores["r2"] = scores["mae_points"] = float("nan")
     if registered is None:
-        registered, choice = best_set(qualities, compared, cfg.selection_metric)
+        registered, choice = best_set(qualities, compared, cfg.selection_metric, cfg.select_on)
     else:
         choice = "asked for (feature_sets)"
     return Comparison(qualities, fits, registered, choice, transfer)

@@ -36,7 +36,13 @@ from mlflow_tg.config import CONF_DIR, is_whole_number
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.predictor.calibrate import widening
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
-from mlflow_tg.predictor.evaluate import QUALITY_METRICS, Comparison, compare, metric_key
+from mlflow_tg.predictor.evaluate import (
+    QUALITY_METRICS,
+    SELECT_ON,
+    Comparison,
+    compare,
+    metric_key,
+)
 from mlflow_tg.predictor.features import (
     columns_of,
     hparam_features,
@@ -106,6 +112,11 @@ def check_predictor_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"holdout_fraction={cfg.holdout_fraction!r} is not allowed: it must lie strictly "
             "between 0 and 1 (for example 0.25)."
+        )
+    if cfg.select_on not in SELECT_ON:
+        raise ConfigError(
+            f"select_on={cfg.select_on!r} is not allowed: choose one of {list(SELECT_ON)} "
+            "(held-out configurations only, or the lower of that and the width-transfer score)."
         )
     if cfg.selection_metric not in SELECTION_METRICS:
         raise ConfigError(
