@@ -61,7 +61,8 @@ def test_summary_keys_are_the_documented_ones_and_values_match_numpy():
     nodes = toy_nodes()
     rng = np.random.default_rng(0)
     values = {name: rng.random(nodes.height) for name in CENTRALITIES}
-    metrics = summary_metrics(node_table(nodes, values), edges=40, spectral_radius=2.5)
+    table = node_table(nodes, values)
+    metrics = summary_metrics(table, layer_table(table), edges=40, spectral_radius=2.5)
     expected_keys = {"tg.graph/vertices", "tg.graph/edges", "tg.eigenvector/radius"}
     expected_keys |= {f"tg.strength/{stat}" for stat in GROWTH_STATS}
     for name in CENTRALITIES:

@@ -84,7 +84,7 @@ class GraphCapture:
         radius = None
         if "eigenvector" in centralities:  # its Rayleigh quotient: one product more
             radius = rayleigh_quotient(adjacency.undirected, centralities["eigenvector"])
-        metrics = summary_metrics(nodes, self.builder.num_edges, self.first_layers, radius)
+        metrics = summary_metrics(nodes, layers, self.builder.num_edges, self.first_layers, radius)
         if self.cfg.node_tables:
             run.log_table(nodes, keys.node_table_path(epoch))
         run.log_table(layers, keys.layer_table_path(epoch))

@@ -150,16 +150,17 @@ def depth_buckets(layer_index: np.ndarray) -> np.ndarray:
 
 def summary_metrics(
     nodes: pl.DataFrame,
+    layers: pl.DataFrame,
     edges: int,
     first_layers: pl.DataFrame | None = None,
     spectral_radius: float | None = None,
 ) -> dict[str, float]:
     """The ``tg.*`` metrics of one snapshot (keys in the module docstring).
 
-    ``first_layers``: the layer table of the run's first capture, which growth compares with
-    (None: this is the first capture, so no layer has grown). ``spectral_radius``: λ_max of W.
+    ``layers``: ``layer_table(nodes)``, which the caller also logs. ``first_layers``: the layer
+    table of the run's first capture, which growth compares with (None: this is the first
+    capture, so no layer has grown). ``spectral_radius``: λ_max of W.
     """
-    layers = layer_table(nodes)
     metrics = {
         graph_metric(GRAPH_SIZE, "vertices"): float(nodes.height),
         graph_metric(GRAPH_SIZE, "edges"): float(edges),

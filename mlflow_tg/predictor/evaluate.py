@@ -160,8 +160,9 @@ def best_set(
     scores = held
     if select_on == "holdout_and_transfer":
         moved = {name: quality[name]["transfer"]["all"][metric] for name in sets}
-        scores = {name: np.nanmin([held[name], moved[name]]) if not np.isnan(held[name])
-                  else np.nan for name in sets}  # fmt: skip
+        # min(NaN, x) is NaN: a set without a held-out score still never wins
+        scores = {name: held[name] if np.isnan(moved[name]) else min(held[name], moved[name])
+                  for name in sets}  # fmt: skip
     ranked = sorted(sets, key=lambda name: -np.nan_to_num(scores[name], nan=-np.inf))
     if select_on == "holdout":
         evidence = ", ".join(f"{name} {scores[name]:.3f}" for name in ranked)
