@@ -15,7 +15,8 @@ Leave one architecture out: fitted on the other model families, scored on one, p
 fitted on the whole population, scored on another sweep (``--outside``). The noise ceiling:
 how well one seed's final accuracy ranks its twin's, per protocol on the runs it scores; and
 the graph's gain, τ of graph+curve+hparams minus curve+hparams, with a 95% bootstrap interval
-over configurations. Then the latency of
+over configurations. Transfer and outside are also set against τ in distribution on the same
+runs (cross-validated over all widths, or over both sweeps together). Then the latency of
 the k=3 combined model: 200 single-row requests to ``mlflow models serve`` on loopback, and
 in-process pyfunc predictions. Ends with one JSON line.
 """
@@ -108,6 +109,8 @@ def evaluate_k(
         }
         if away.any():
             predictions[name]["outside"] = fit_and_score(both, columns, ~away, cfg)[1]
+            # in distribution for the outside runs: cross-validated over both sweeps together
+            predictions[name]["outside_cv"] = out_of_fold(both, columns, folds_count, cfg)[away]
         rows[name] = {
             protocol: quality_by_subset(
                 both.column(TARGET, away) if protocol == "outside" else y[scored_rows[protocol]],
@@ -115,6 +118,7 @@ def evaluate_k(
                 NONTRIVIAL,
             )
             for protocol, predicted in predictions[name].items()
+            if protocol != "outside_cv"
         }
     baselines = {f"val_acc@{k}": f"val_acc@{k}"}
     if k >= 1:
@@ -140,6 +144,7 @@ def evaluate_k(
         "runs": population.frame.height,
         "left_out": population.left_out,
         "transfer": transfer,
+        "wide": wide,
         "rows": rows,
         "scored": scored,
         "predictions": predictions,
@@ -231,6 +236,31 @@ def print_gaps(result: dict) -> None:
             inside = splits["cv"]["all"]["kendall_tau"]
             away = splits["outside"]["all"]["kendall_tau"]
             print(f"{name:<26}{inside:>9.3f}{away:>13.3f}{away - inside:>+8.3f}")
+
+
+def print_same_runs(result: dict) -> None:
+    """τ of each protocol against τ in distribution on the same runs.
+
+    τ depends on the runs it ranks: the wide runs of width transfer are closer to each other
+    than the whole population, and the outside sweep has its own mix. In distribution on the
+    same runs is the cross-validated prediction of exactly the runs the protocol scores: for
+    transfer, out of fold over all widths; outside, out of fold over both sweeps together.
+    """
+    scored, wide = result["scored"], result["wide"]
+    print(f"{'features':<26}{'protocol':<10}{'runs':>6}{'tau in distribution':>21}"
+          f"{'tau protocol':>14}{'gap':>8}")  # fmt: skip
+    for name, predicted in result["predictions"].items():
+        pairs = {"transfer": (predicted["cv"][wide], predicted["transfer"])}
+        if "outside_cv" in predicted:
+            pairs["outside"] = (predicted["outside_cv"], predicted["outside"])
+        for protocol, (inside, away) in pairs.items():
+            actual = scored[protocol]["actual"]
+            if len(actual) < 3:
+                continue
+            tau_in = stats.kendalltau(actual, inside).statistic
+            tau_away = stats.kendalltau(actual, away).statistic
+            print(f"{name:<26}{protocol:<10}{len(actual):>6}{tau_in:>21.3f}{tau_away:>14.3f}"
+                  f"{tau_away - tau_in:>+8.3f}")  # fmt: skip
 
 
 def print_protocols(result: dict) -> None:
@@ -339,6 +369,7 @@ def main() -> None:
         results[k] = evaluate_k(records, k, cfg, args.folds, outside, args.sets)
         print_k(k, results[k])
         print_gaps(results[k])
+        print_same_runs(results[k])
         print_protocols(results[k])
     speed = {}
     if args.requests:

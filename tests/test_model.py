@@ -218,6 +218,15 @@ def test_a_missing_param_is_refused_unless_training_runs_lacked_it_too():
     assert "momentum" in refusal(predictor(), (history(2), params(momentum=None), "x"))
 
 
+def test_a_param_lacked_by_an_architecture_never_trained_on_says_so():
+    # training runs all log momentum; a "resnet" run (unseen architecture) does not
+    message = refusal(predictor(), (history(2), params(momentum=None, model="resnet"), "res"))
+    assert "param optimizer.momentum (this version was fitted on runs of model lenet, mlp only, " \
+           "and model 'resnet' has no such setting" in message  # fmt: skip
+    seen_model = refusal(predictor(), (history(2), params(momentum=None, model="mlp"), "m"))
+    assert "param optimizer.momentum" in seen_model and "fitted on runs of" not in seen_model
+
+
 def test_the_signature_requires_run_and_epoch_and_declares_what_the_models_read():
     signature = predictor().signature()
     specs = {column.name: column for column in signature.inputs.inputs}

@@ -290,6 +290,23 @@ def how_to_log(metric: str) -> str:
     return f"logged with graph.enabled=true and graph.centralities including {centrality}"
 
 
+def unseen_model_hint(reference: Reference, params: Mapping[str, str]) -> str:
+    """Why a run lacks params every training run had: its architecture is not among theirs.
+
+    Params such as ``model.batch_norm`` exist for some architectures only, so a version fitted
+    on one family cannot read a run of another; no setting of that run would log them.
+    """
+    seen = reference.categories.get("model", [])
+    model = params.get(CATEGORICAL_HPARAMS["model"])
+    if model is None or model in seen:
+        return ""
+    return (
+        f" (this version was fitted on runs of model {', '.join(seen)} only, and model "
+        f"{model!r} has no such setting: predict it with a version fitted on runs that include "
+        f"{model} models, python -m mlflow_tg.predictor source_experiment=EXPERIMENT)"
+    )
+
+
 def epochs_text(epochs: Sequence[int]) -> str:
     """``epochs 0..3`` or ``epochs 1, 3`` or ``epoch 2``."""
     epochs = sorted(epochs)
@@ -488,6 +505,7 @@ class RunPredictor(PythonModel):
             raise ValueError(
                 f"it lacks what the model of window k={k} (epochs 0..{k}) reads: "
                 + "; ".join(lacking)
+                + unseen_model_hint(window.reference, params)
             )
         history = [
             {keys.EPOCH: e}
