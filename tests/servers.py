@@ -26,9 +26,12 @@ def free_port() -> int:
 
 
 def answers(url: str) -> bool:
-    """Whether ``url`` answers HTTP 200 now."""
+    """Whether ``url`` answers HTTP 200 now.
+
+    A stopped server refuses at once; a running one on a loaded machine may take seconds.
+    """
     try:
-        return requests.get(url, timeout=1).status_code == 200
+        return requests.get(url, timeout=15).status_code == 200
     except requests.RequestException:
         return False
 
