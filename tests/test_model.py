@@ -225,6 +225,10 @@ def test_a_param_lacked_by_an_architecture_never_trained_on_says_so():
            "and model 'resnet' has no such setting" in message  # fmt: skip
     seen_model = refusal(predictor(), (history(2), params(momentum=None, model="mlp"), "m"))
     assert "param optimizer.momentum" in seen_model and "fitted on runs of" not in seen_model
+    # a metric it lacks is a setting of its own run: no word about the architecture
+    no_katz = [{k: v for k, v in row.items() if not k.startswith("tg.")} for row in history(2)]
+    metric_only = refusal(predictor(), (no_katz, params(model="resnet"), "r"))
+    assert "metric tg.katz/gini" in metric_only and "fitted on runs of" not in metric_only
 
 
 def test_the_signature_requires_run_and_epoch_and_declares_what_the_models_read():

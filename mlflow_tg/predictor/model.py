@@ -500,12 +500,13 @@ class RunPredictor(PythonModel):
                 if have and keys.is_graph_metric(metric):
                     text += f" (it has {epochs_text(have)}; graph.every_n_epochs=1 logs each)"
                 lacking.append(text)
-        lacking += [f"param {key}" for key in window.params if key not in params]
+        missing_params = [f"param {key}" for key in window.params if key not in params]
+        if missing_params:
+            lacking.append("; ".join(missing_params) + unseen_model_hint(window.reference, params))
         if lacking:
             raise ValueError(
                 f"it lacks what the model of window k={k} (epochs 0..{k}) reads: "
                 + "; ".join(lacking)
-                + unseen_model_hint(window.reference, params)
             )
         history = [
             {keys.EPOCH: e}
