@@ -3,11 +3,16 @@
     python bench/cli_latency.py [--store DIR] [--tracking-uri URI --run-id RUN] [--calls 5]
 
 Against the small store of ``small_store.py`` (made in DIR, default
-``$TMPDIR/mlflow_tg-bench-store``, or reused), or any store and run given. Three ways: the
-store's SQLite file with the registered model loaded in the process; the same with a ``mlflow
-models serve`` endpoint started here; and that endpoint with a ``mlflow server`` on the store
-(``--tracking-uri http://…``: plain HTTP, no MLflow client). Prints each one's median wall time
-and median CPU time (user + system) of the command, which a loaded machine inflates less.
+``$TMPDIR/mlflow_tg-bench-store``, or reused), or any store and run given. Four ways: the
+store's SQLite file with the registered version answering in the process (``sqlite3`` and the
+version's answerer, no MLflow); the same through MLflow's client, for comparison (the store's
+URI with ``?timeout=30``, a driver option the command leaves to MLflow); the SQLite file with a
+``mlflow models serve`` endpoint started here; and that endpoint with a ``mlflow server`` on the
+store (``--tracking-uri http://…``: plain HTTP). Prints each one's median wall time and median
+CPU time (user + system) of the command, which a loaded machine inflates less.
+
+A store whose champion was registered before versions carried ``answerer.pkl`` is answered
+through MLflow's client on every path: give such a store's benches a new ``--store`` folder.
 """
 
 from __future__ import annotations
@@ -92,8 +97,10 @@ def main() -> None:
     try:
         servers.append(tracking_server(uri, args.ports[1]))
         over_http = [*command[:-1], tracking, "--endpoint", endpoint]
+        through_mlflow = [*command[:-1], f"{uri}?timeout=30"]
         paths = {
             "SQLite store, model in process": command,
+            "SQLite store through MLflow's client, model in process": through_mlflow,
             "SQLite store, endpoint": [*command, "--endpoint", endpoint],
             "tracking server, endpoint (HTTP only)": over_http,
         }

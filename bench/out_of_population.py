@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from mlflow_tg import keys
-from mlflow_tg.predictor.model import model_input
+from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.registry import FeatureSpec
 from mlflow_tg.tracking.runs import load_runs
 

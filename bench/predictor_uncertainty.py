@@ -34,11 +34,11 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from mlflow_tg.config import compose_config
+from mlflow_tg.predictor.answering import quantiles_of, to_interval
 from mlflow_tg.predictor.calibrate import widening
 from mlflow_tg.predictor.dataset import build_dataset
 from mlflow_tg.predictor.features import categorical_columns, columns_of, set_name
 from mlflow_tg.predictor.fit import fit
-from mlflow_tg.predictor.model import quantiles_of, to_interval
 from mlflow_tg.predictor.registry import Holdout
 from mlflow_tg.tracking.runs import TARGET, load_runs
 

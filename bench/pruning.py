@@ -40,7 +40,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from mlflow_tg import keys
-from mlflow_tg.predictor.model import model_input
+from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.prune.policies import MedianPolicy, Policy, PredictedPolicy, RunView
 from mlflow_tg.tracking.runs import load_runs
 

@@ -9,3 +9,11 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A config value that cannot work, with what is allowed instead."""
+
+
+class RegistryError(LookupError):
+    """A registered version that cannot be used as it is, or a registry that cannot be read."""
+
+
+class Refusal(ValueError):
+    """A request the predictor cannot answer: what each refused run lacks."""

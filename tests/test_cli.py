@@ -84,10 +84,10 @@ def imported_by(*modules: str) -> set[str]:
     return set(result.stdout.split())
 
 
-def test_mlflow_tg_predict_imports_no_torch_and_over_http_not_even_mlflow():
+def test_mlflow_tg_predict_imports_no_torch_and_on_its_own_paths_not_even_mlflow():
     """``mlflow-tg predict`` runs per run of a sweep: no torch (mlflow_tg.config imports it).
 
-    The modules of both of its paths; the loaded model (catboost) is checked end to end in
+    The modules of each of its paths; the paths themselves are run end to end in
     tests/test_serving.py.
     """
     client_path = imported_by(
@@ -96,5 +96,20 @@ def test_mlflow_tg_predict_imports_no_torch_and_over_http_not_even_mlflow():
     )  # fmt: skip
     assert "mlflow" in client_path and "pandas" in client_path
     assert not {"torch", "torchvision", "mlflow_tg.config", "sklearn"} & client_path
+    sqlite_path = imported_by(
+        "mlflow_tg.serve.cli", "mlflow_tg.tracking.sqlite", "mlflow_tg.predictor.answering",
+        "catboost", "yaml",
+    )  # fmt: skip
+    assert not {"mlflow", "torch", "mlflow_tg.config", "sklearn"} & sqlite_path
     http_path = imported_by("mlflow_tg.serve.cli", "mlflow_tg.serve.rest", "pyarrow.parquet")
     assert not {"mlflow", "pandas", "polars", "torch"} & http_path
+
+
+def test_the_command_reports_bad_input_in_one_paragraph_and_its_own_bugs_in_full():
+    from mlflow_tg.serve.cli import refusal_message
+    from mlflow_tg.tracking.records import RunNotFoundError, StoreError
+
+    assert refusal_message(RunNotFoundError("run 'x' is not there")) == "run 'x' is not there"
+    assert refusal_message(StoreError("locked")) == "locked"
+    assert refusal_message(KeyError("run")) is None  # a bug: its traceback, not a paragraph
+    assert refusal_message(IndexError(0)) is None

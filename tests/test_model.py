@@ -5,7 +5,10 @@ Its CatBoost models are replaced by fixed answers, so every number here is known
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import cloudpickle
 import numpy as np
@@ -17,21 +20,21 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 from sklearn.metrics.pairwise import nan_euclidean_distances
 
 from mlflow_tg import keys
-from mlflow_tg.predictor.features import (
-    design_matrix,
-    hparam_features,
-    metric_reads,
-    run_features,
-)
-from mlflow_tg.predictor.model import (
+from mlflow_tg.predictor.answering import (
     PARAM_KEYS,
-    RunPredictor,
     fitted_window,
     model_input,
     nan_distances,
     quantiles_of,
     to_interval,
 )
+from mlflow_tg.predictor.features import (
+    design_matrix,
+    hparam_features,
+    metric_reads,
+    run_features,
+)
+from mlflow_tg.predictor.model import RunPredictor
 
 COLUMNS = {  # what each window's "model" reads
     1: ["tg.katz/gini@1", "val_acc.change", "width", "model"],
@@ -98,7 +101,7 @@ def predictor(training=TRAINING, answer=(0.9, -0.2, 1.3)) -> RunPredictor:
 
 
 def ask(model: RunPredictor, *runs: tuple[list[dict], dict[str, str], str]) -> pd.DataFrame:
-    return model.answer(pd.concat([model_input(*run) for run in runs], ignore_index=True))
+    return model.predict(None, pd.concat([model_input(*run) for run in runs], ignore_index=True))
 
 
 def refusal(model: RunPredictor, *runs) -> str:
@@ -250,6 +253,44 @@ def test_the_pickled_model_leaves_its_catboost_models_to_the_artifacts():
     assert model._models  # the original keeps them
 
 
+def test_a_versions_answerer_loads_without_mlflow_and_answers_as_the_model(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mlflow_tg.predictor.fit import catboost
+
+    cfg = OmegaConf.create(
+        {"seed": 0, "catboost": {"iterations": 20, "depth": 2, "learning_rate": 0.3,
+                                 "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9",
+                                 "thread_count": 1}}
+    )  # fmt: skip
+    hparams = pd.DataFrame([hparam_features(p) for _, p in TRAINING])
+    windows, models = [], {}
+    for k, columns in COLUMNS.items():
+        rows = [run_features(h, p, k, "graph+curve+hparams") for h, p in TRAINING]
+        matrix = design_matrix(pl.DataFrame(rows), columns)
+        models[k] = catboost(matrix, np.linspace(0.1, 0.9, len(TRAINING)), cfg)
+        windows.append(fitted_window(k, models[k], matrix, hparams))
+    model = RunPredictor(windows, (0.1, 0.5, 0.9), models)
+    artifacts = model.save_models(tmp_path)
+    runs = [(history(4, 0.45), params(width="3"), "four"), (history(1), params(), "one")]
+    frame = pd.concat([model_input(*run) for run in runs], ignore_index=True)
+    frame.to_pickle(tmp_path / "request.pkl")
+    script = f"""
+import json, sys
+import pandas as pd
+from mlflow_tg.predictor.answering import RunAnswerer
+answerer = RunAnswerer.load({json.dumps(artifacts)})
+answer = answerer.answer(pd.read_pickle({str(tmp_path / "request.pkl")!r}))
+assert type(answerer) is RunAnswerer and "mlflow" not in sys.modules, sorted(sys.modules)
+answer.to_pickle({str(tmp_path / "answer.pkl")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    expected = model.predict(None, frame)
+    pd.testing.assert_frame_equal(pd.read_pickle(tmp_path / "answer.pkl"), expected)
+    assert expected[keys.ANSWER_K].tolist() == [2, 1]
+
+
 def test_nan_distances_are_scikit_learns_nan_euclidean():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
@@ -314,3 +355,42 @@ def test_calibration_brings_new_samples_into_the_interval_at_the_nominal_rate():
 
     assert widen > 0 and coverage(0.0) < 0.75  # fitted quantiles: too narrow for new samples
     assert 0.75 <= coverage(widen) <= 0.9
+
+
+def test_the_runs_description_keeps_one_prediction_line_the_latest():
+    from mlflow_tg.predictor.describe import note_line, with_note
+
+    answer = {keys.ANSWER: 0.5, keys.ANSWER_LOW: 0.4, keys.ANSWER_HIGH: 0.6, keys.ANSWER_K: 3,
+              keys.ANSWER_OOD: False}  # fmt: skip
+    note = "**mlp** width 2  \ntest accuracy **0.900**"
+    once = with_note(note, answer)
+    assert once == f"{note}  \npredicted test accuracy **0.500** [0.400, 0.600] from epochs 0..3"
+    again = answer | {keys.ANSWER: 0.7, keys.ANSWER_OOD: True, keys.ANSWER_OOD_REASONS: "lr"}
+    assert with_note(with_note(once, answer), again) == f"{note}  \n{note_line(again)}"
+    assert note_line(again).endswith(", out of distribution: lr")
+    assert with_note(None, answer) == with_note("", answer) == note_line(answer)
+
+
+def test_the_input_example_is_the_first_training_run_the_predictor_answers():
+    from mlflow_tg.predictor.job import input_example
+    from mlflow_tg.tracking.records import RunRecord
+
+    young = RunRecord("young", params(), {}, {}, history(4)[:1])  # epoch 0 only: refused
+    grown = RunRecord("grown", params(), {}, {}, history(4))
+    example = input_example(predictor(), [young, grown], ["young", "grown"])
+    assert set(example[keys.RUN_ID]) == {"grown"} and example[keys.EPOCH].tolist() == [0, 1, 2]
+
+
+def test_a_version_pickled_while_its_classes_lived_in_model_py_still_loads():
+    import pickle
+
+    from mlflow_tg.predictor.answering import Reference, Window
+
+    data = pickle.dumps(predictor(), protocol=2)  # protocol 2 names classes as "module\nname"
+    for name in (b"Window", b"Reference"):
+        new = b"mlflow_tg.predictor.answering\n" + name
+        assert data.count(new) == 1
+        data = data.replace(new, b"mlflow_tg.predictor.model\n" + name)
+    old = pickle.loads(data)
+    assert type(old) is RunPredictor and old.ks == [1, 2] and old.windows[2].columns == COLUMNS[2]
+    assert isinstance(old.windows[1], Window) and isinstance(old.windows[1].reference, Reference)

@@ -24,12 +24,13 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 from mlflow_tg import keys
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
+from mlflow_tg.predictor.answering import PARAM_KEYS, fitted_window, model_input
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
 from mlflow_tg.predictor.evaluate import best_set, compare, in_holdout
 from mlflow_tg.predictor.features import categorical_columns, columns_of, hparam_features, set_of
 from mlflow_tg.predictor.fit import fit, keep_every_set
 from mlflow_tg.predictor.job import fit_predictor
-from mlflow_tg.predictor.model import PARAM_KEYS, RunPredictor, fitted_window, model_input
+from mlflow_tg.predictor.model import RunPredictor
 from mlflow_tg.predictor.registry import (
     CHAMPION,
     FeatureSpec,

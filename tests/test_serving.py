@@ -25,7 +25,7 @@ from mlflow.models import infer_signature
 
 from mlflow_tg.job import train
 from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
-from mlflow_tg.predictor.model import model_input
+from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.scoring import load_run_predictor
 from mlflow_tg.serve.client import EndpointError, ask_endpoint, request_body
 from mlflow_tg.tracking.runs import load_run
@@ -265,14 +265,46 @@ def test_cli_predicts_logs_and_prints_the_answer_quietly(
 
 
 @pytest.mark.slow
-def test_cli_imports_no_torch(population, run_id, champion):
+def test_cli_on_a_sqlite_store_imports_neither_mlflow_nor_torch(population, run_id, champion):
     command = ("predict", "--run-id", run_id, "--tracking-uri", population["uri"])
     result = mlflow_tg(*command, python=(sys.executable, "-X", "importtime"))
     assert result.returncode == 0, result.stderr[-3000:]
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
-    assert "catboost" in imported and "mlflow" in imported  # the model, loaded in process
-    assert not [name for name in imported if name.split(".")[0] in ("torch", "torchvision")]
+    assert "catboost" in imported  # the version's answerer, loaded in process
+    assert "mlflow_tg.tracking.sqlite" in imported
+    banned = ("torch", "torchvision", "mlflow")
+    assert not [name for name in imported if name.split(".")[0] in banned]
     assert "mlflow_tg.config" not in imported
+    assert f"models:/{NAME}/{champion['version']} in process" in result.stdout
+
+
+@pytest.mark.slow
+def test_cli_answers_a_version_without_its_answerer_through_mlflows_client(
+    population, run_ids, champion, tmp_path
+):
+    """A version logged before versions carried ``answerer.pkl``: the same answer, via MLflow."""
+    import yaml
+
+    client = MlflowClient(population["uri"])
+    logged = client.get_model_version(NAME, champion["version"])
+    mlflow.set_tracking_uri(population["uri"])
+    older = Path(mlflow.artifacts.download_artifacts(str(logged.source), dst_path=tmp_path))
+    (older / "artifacts" / "answerer.pkl").unlink()
+    spec = yaml.safe_load((older / "MLmodel").read_text())
+    del spec["flavors"]["python_function"]["artifacts"]["answerer"]
+    (older / "MLmodel").write_text(yaml.safe_dump(spec))
+    client.create_registered_model("older")
+    version = client.create_model_version("older", str(older), tags=dict(logged.tags))
+    client.set_registered_model_alias("older", "champion", version.version)
+    run_id = run_ids[1]
+    before = client.get_metric_history(run_id, PREDICTED[0])
+    command = ("predict", "--run-id", run_id, "--tracking-uri", population["uri"])
+    result = mlflow_tg(*command, "--model", "older")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (expected,) = in_process(population, requested(population, run_id)).to_dict("records")
+    (logged,) = [m for m in client.get_metric_history(run_id, PREDICTED[0]) if m not in before]
+    assert logged.value == expected[ANSWER[0]]  # logged once, the champion's own answer
+    assert f"models:/older/{version.version} in process" in result.stdout
 
 
 @pytest.mark.slow

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from mlflow_tg.predictor.answering import to_interval
 from mlflow_tg.predictor.evaluate import group_position
 from mlflow_tg.predictor.fit import catboost
-from mlflow_tg.predictor.model import to_interval
 
 FOLDS = 5
 

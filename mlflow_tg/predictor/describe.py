@@ -7,11 +7,14 @@ from typing import Any
 
 from mlflow_tg import keys
 
+PREFIX = "predicted test accuracy "  # what the prediction's line starts with
+BREAK = "  \n"  # a line break in the description's markdown
+
 
 def note_line(answer: Mapping[str, Any]) -> str:
     """The prediction in one line of the run's MLflow description."""
     line = (
-        f"predicted test accuracy **{float(answer[keys.ANSWER]):.3f}** "
+        f"{PREFIX}**{float(answer[keys.ANSWER]):.3f}** "
         f"[{float(answer[keys.ANSWER_LOW]):.3f}, {float(answer[keys.ANSWER_HIGH]):.3f}] "
         f"from epochs 0..{int(answer[keys.ANSWER_K])}"
     )
@@ -21,5 +24,10 @@ def note_line(answer: Mapping[str, Any]) -> str:
 
 
 def with_note(note: str | None, answer: Mapping[str, Any]) -> str:
-    """A run's description with the prediction's line added."""
-    return f"{note}  \n{note_line(answer)}" if note else note_line(answer)
+    """A run's description with the prediction's line in place of any earlier prediction's.
+
+    One line, the latest: a run asked about at every epoch, or again and again, keeps a short
+    description, within MLflow's limit on a tag's length.
+    """
+    lines = [line for line in (note or "").split(BREAK) if line and not line.startswith(PREFIX)]
+    return BREAK.join([*lines, note_line(answer)])

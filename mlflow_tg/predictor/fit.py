@@ -11,9 +11,9 @@ import pandas as pd
 from catboost import CatBoostRegressor, EFeaturesSelectionAlgorithm
 from omegaconf import DictConfig, OmegaConf
 
+from mlflow_tg.predictor.answering import quantiles_of, to_interval
 from mlflow_tg.predictor.dataset import Dataset
 from mlflow_tg.predictor.features import categorical_columns, set_of
-from mlflow_tg.predictor.model import quantiles_of, to_interval
 from mlflow_tg.tracking.runs import TARGET
 
 log = logging.getLogger(__name__)

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import polars as pl
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 from scipy.stats import kendalltau
 
 from mlflow_tg import keys
 from mlflow_tg.config import CONF_DIR, is_whole_number
-from mlflow_tg.errors import ConfigError
+from mlflow_tg.errors import ConfigError, Refusal
+from mlflow_tg.predictor.answering import fitted_window, model_input, quantiles_of
 from mlflow_tg.predictor.calibrate import widening
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
 from mlflow_tg.predictor.evaluate import (
@@ -53,7 +53,7 @@ from mlflow_tg.predictor.features import (
 )
 from mlflow_tg.predictor.figures import importance_figure, predicted_vs_actual_figure
 from mlflow_tg.predictor.fit import fit, predict_interval
-from mlflow_tg.predictor.model import RunPredictor, fitted_window, model_input, quantiles_of
+from mlflow_tg.predictor.model import RunPredictor
 from mlflow_tg.predictor.promote import versus_champion
 from mlflow_tg.predictor.registry import (
     FeatureSpec,
@@ -241,7 +241,7 @@ def input_example(predictor: RunPredictor, records: list[RunRecord], run_ids: li
         try:
             predictor.answer(example)
             return example
-        except MlflowException:
+        except Refusal:
             continue
     raise RunNotFoundError("the predictor answers none of its training runs: nothing to show")
 

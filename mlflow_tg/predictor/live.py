@@ -18,8 +18,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from mlflow_tg import keys
+from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.describe import note_line
-from mlflow_tg.predictor.model import model_input
 from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.train.hooks import Epoch
 

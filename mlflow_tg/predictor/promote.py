@@ -9,9 +9,9 @@ from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
 from mlflow_tg import keys
+from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.dataset import Dataset
 from mlflow_tg.predictor.evaluate import quality
-from mlflow_tg.predictor.model import model_input
 from mlflow_tg.predictor.registry import FeatureSpec, Holdout
 from mlflow_tg.predictor.scoring import answer_each, load_run_predictor
 from mlflow_tg.tracking.runs import TARGET, RunRecord

@@ -28,6 +28,7 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
+from mlflow_tg.errors import RegistryError
 from mlflow_tg.keys import (
     CHALLENGER,
     CHAMPION,
@@ -43,10 +44,6 @@ if TYPE_CHECKING:  # model.py and evaluate.py import CatBoost: not on mlflow-tg 
 
 NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
-
-
-class RegistryError(LookupError):
-    """A registered version that cannot be used as it is, or a registry that cannot be read."""
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ window used) and prints it. A finished run tagged ``diverged`` needs no predicti
 accuracy is known, and that is the answer.
 
 Fast and quiet: nothing heavy is imported before the arguments are read, nothing on the path
-imports torch, and MLflow's logs and progress bars stay off unless ``--verbose``. With a
-tracking server (``http(s)://``) and an endpoint, it is plain HTTP (``rest.py``): no MLflow
-client, no pandas.
+imports torch, and MLflow's logs and progress bars stay off unless ``--verbose``. MLflow itself
+is imported only where needed (``stores.py``): with a tracking server (``http(s)://``) and an
+endpoint, the command is plain HTTP (``rest.py``); with a local SQLite store, plain ``sqlite3``
+(``tracking/sqlite.py``) and the version's own answerer.
 """
 
 from __future__ import annotations
@@ -18,16 +19,26 @@ import argparse
 import logging
 import os
 import sys
-import time
 import warnings
 from typing import Any
 
 from mlflow_tg import keys
+from mlflow_tg.errors import Refusal, RegistryError
 from mlflow_tg.predictor.describe import with_note
 from mlflow_tg.serve.answer import KNOWN, describe, known_answer, predicted_metrics
+from mlflow_tg.serve.client import EndpointError
+from mlflow_tg.serve.rest import TrackingServerError
+from mlflow_tg.serve.stores import MlflowStore, Store, answer_here, open_store
 from mlflow_tg.tracking.commands import COMMANDS as TRACKING_COMMANDS
 from mlflow_tg.tracking.commands import add_commands as add_tracking_commands
 from mlflow_tg.tracking.commands import run_command as run_tracking_command
+from mlflow_tg.tracking.records import (
+    RunNotFoundError,
+    RunRecord,
+    StoreError,
+    Unsupported,
+    Version,
+)
 
 # The embedded store of conf/tracking/local.yaml, where train.py logs by default.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -73,94 +84,64 @@ def quiet(verbose: bool) -> None:
     warnings.simplefilter("ignore")
 
 
-def ask(args: argparse.Namespace, client: Any, run: Any) -> tuple[dict[str, Any], str]:
-    """The registered version's answer for ``run``, and where it came from."""
-    from mlflow_tg.predictor.model import model_input
-    from mlflow_tg.predictor.registry import version_by_alias
-    from mlflow_tg.tracking.runs import RunNotFoundError
-
-    version = version_by_alias(client, args.model, args.alias)
-    if version is None:
-        raise RunNotFoundError(
-            f"the registry of {args.tracking_uri} has no model {args.model!r} with alias "
-            f"{args.alias!r}; fit one first: python -m mlflow_tg.predictor"
-        )
-    model_uri = f"models:/{args.model}/{version.version}"
-    ks = version.tags.get(keys.KS_TAG)  # its windows: epochs after the largest are not sent
+def window_rows(run: RunRecord, version: Version) -> list[dict]:
+    """The run's history up to the version's largest window: later epochs are not sent."""
+    ks = version.tags.get(keys.KS_TAG)
     last = max(int(k) for k in ks.split(",")) if ks else None
-    rows = [row for row in run.history if last is None or row[keys.EPOCH] <= last]
-    frame = model_input(rows, run.params, run.run_id)
+    return [row for row in run.history if last is None or row[keys.EPOCH] <= last]
+
+
+def answer_for(args: argparse.Namespace, store: Store) -> tuple[RunRecord, dict[str, Any], str]:
+    """The run, the predictor's answer for it (or the known one) and where it came from.
+
+    Nothing is logged yet: Unsupported here, where ``store`` meets what it does not handle,
+    leaves the store as it was.
+    """
+    run = store.record(args.run_id)
+    answer = known_answer(run.run_id, run.tags, run.metrics, run.history)
+    if answer is not None:
+        return run, answer, KNOWN
+    version = store.version(args.model, args.alias)
+    rows = window_rows(run, version)
     if args.endpoint:
-        from mlflow_tg.serve.client import ask_endpoint
+        from mlflow_tg.serve.client import post_request
+        from mlflow_tg.serve.rest import history_request
 
-        (answer,) = ask_endpoint(args.endpoint, frame).to_dict("records")
-        return answer, f"{model_uri} via {args.endpoint}"
-    from mlflow_tg.predictor.scoring import input_columns, load_run_predictor
-
-    model = load_run_predictor(model_uri, check_requirements=args.verbose)
-    declared = set(input_columns(model))  # the other metrics of the history are not read
-    (answer,) = model.predict(frame[[c for c in frame if c in declared]]).to_dict("records")
-    return answer, f"{model_uri} in process"
+        (answer,) = post_request(args.endpoint, history_request(rows, run.params, run.run_id))
+        return run, answer, f"{version} via {args.endpoint}"
+    return run, answer_here(store, version, run, rows), f"{version} in process"
 
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
-    """Fetch the run, ask the predictor (unless the answer is known), log and print the answer."""
-    if args.endpoint and args.tracking_uri.startswith(("http://", "https://")):
-        return predict_over_http(args)
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
+    """Fetch the run, ask the predictor, log and print the answer.
 
-    from mlflow_tg.tracking.runs import load_run
-
-    mlflow.set_tracking_uri(args.tracking_uri)
-    client = MlflowClient()
-    run = load_run(client, args.run_id)
-    answer = known_answer(run.run_id, run.tags, run.metrics, run.history)
-    if answer is not None:
-        source = KNOWN
-    else:
-        answer, source = ask(args, client, run)
-    now, step = int(time.time() * 1000), int(answer[keys.ANSWER_K])
-    client.log_batch(
-        args.run_id,
-        metrics=[Metric(k, v, now, step) for k, v in predicted_metrics(answer).items()],
-        tags=[
-            RunTag(keys.PREDICTED_BY, source),
-            RunTag(keys.NOTE, with_note(run.tags.get(keys.NOTE), answer)),
-        ],
-    )
-    print(describe(args.run_id, answer, source))
+    Through the store of the tracking URI, or MLflow's client where that store gives way.
+    """
+    store = open_store(args.tracking_uri, args.endpoint, args.verbose)
+    try:
+        run, answer, source = answer_for(args, store)
+    except Unsupported:
+        store = MlflowStore(args.tracking_uri, args.verbose)
+        run, answer, source = answer_for(args, store)
+    tags = {keys.PREDICTED_BY: source, keys.NOTE: with_note(run.tags.get(keys.NOTE), answer)}
+    store.log(run.run_id, predicted_metrics(answer), int(answer[keys.ANSWER_K]), tags)
+    print(describe(run.run_id, answer, source))
     return answer
 
 
-def predict_over_http(args: argparse.Namespace) -> dict[str, Any]:
-    """``predict`` with a tracking server and an endpoint: plain HTTP, no MLflow client."""
-    from mlflow_tg.serve.client import post_request
-    from mlflow_tg.serve.rest import Server, request_body
+# what the command reports in one paragraph (exit 2): bad input, or what a store lacks
+REPORTED = (RunNotFoundError, RegistryError, StoreError, Refusal, EndpointError,
+            TrackingServerError)  # fmt: skip
 
-    server = Server(args.tracking_uri)
-    run = server.run(args.run_id)
-    data = run["data"]
-    tags = {tag["key"]: tag["value"] for tag in data.get("tags", [])}
-    metrics = {metric["key"]: metric["value"] for metric in data.get("metrics", [])}
-    params = {param["key"]: param["value"] for param in data.get("params", [])}
-    history = server.history(args.run_id)
-    answer = known_answer(args.run_id, tags, metrics, history)
-    if answer is not None:
-        source = KNOWN
-    else:
-        version = server.version(args.model, args.alias)
-        windows = {tag["key"]: tag["value"] for tag in version.get("tags", [])}.get(keys.KS_TAG)
-        last = max(int(k) for k in windows.split(",")) if windows else None
-        rows = [row for row in history if last is None or row[keys.EPOCH] <= last]
-        (answer,) = post_request(args.endpoint, request_body(rows, params, args.run_id))
-        source = f"models:/{args.model}/{version['version']} via {args.endpoint}"
-    step = int(answer[keys.ANSWER_K])
-    tags = {keys.PREDICTED_BY: source, keys.NOTE: with_note(tags.get(keys.NOTE), answer)}
-    server.log(args.run_id, predicted_metrics(answer), step, tags)
-    print(describe(args.run_id, answer, source))
-    return answer
+
+def refusal_message(error: Exception) -> str | None:
+    """The one paragraph for an error that means bad input or a missing run; None for others."""
+    if isinstance(error, REPORTED):
+        return str(error)
+    mlflow_errors = sys.modules.get("mlflow.exceptions")  # raised only where MLflow was loaded
+    if mlflow_errors and isinstance(error, mlflow_errors.MlflowException):
+        return error.message
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,29 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in TRACKING_COMMANDS:
         sys.exit(run_tracking_command(args))
     quiet(args.verbose)
-    from mlflow_tg.serve.client import EndpointError
-
-    if args.endpoint and args.tracking_uri.startswith(("http://", "https://")):
-        from mlflow_tg.serve.rest import TrackingServerError
-
-        try:
-            predict(args)
-        except (TrackingServerError, EndpointError) as error:
-            print(f"mlflow-tg: {error}", file=sys.stderr)
-            sys.exit(2)
-        return
-    from mlflow.exceptions import MlflowException
-
-    from mlflow_tg.predictor.registry import RegistryError
-    from mlflow_tg.tracking.runs import RunNotFoundError
-
     try:
         predict(args)
-    except (RunNotFoundError, EndpointError, RegistryError) as error:
-        print(f"mlflow-tg: {error}", file=sys.stderr)
-        sys.exit(2)
-    except MlflowException as error:  # the model's refusal: what the run lacks
-        print(f"mlflow-tg: {error.message}", file=sys.stderr)
+    except Exception as error:
+        message = refusal_message(error)
+        if message is None:
+            raise
+        print(f"mlflow-tg: {message}", file=sys.stderr)
         sys.exit(2)
 
 

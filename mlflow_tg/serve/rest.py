@@ -20,6 +20,8 @@ from typing import Any
 import requests
 
 from mlflow_tg import keys
+from mlflow_tg.serve.client import cell
+from mlflow_tg.tracking.records import RunRecord, Version, no_version
 
 API = "/api/2.0/mlflow"
 
@@ -56,10 +58,18 @@ class Server:
                                       f"{message[:1000]}")  # fmt: skip
         return response
 
-    def run(self, run_id: str) -> dict[str, Any]:
-        """``runs/get``: the run's info and data."""
+    def record(self, run_id: str) -> RunRecord:
+        """``runs/get`` and the run's history."""
         what = f"run {run_id!r} is not in the tracking store {self.uri}"
-        return self.call("GET", f"{API}/runs/get", what, params={"run_id": run_id}).json()["run"]
+        data = self.call("GET", f"{API}/runs/get", what, params={"run_id": run_id}).json()["run"]
+        data = data["data"]
+        return RunRecord(
+            run_id,
+            params={param["key"]: param["value"] for param in data.get("params", [])},
+            tags={tag["key"]: tag["value"] for tag in data.get("tags", [])},
+            metrics={metric["key"]: metric["value"] for metric in data.get("metrics", [])},
+            history=self.history(run_id),
+        )
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
         """The run's ``history.parquet`` rows, by epoch."""
@@ -77,15 +87,14 @@ class Server:
             ) from error
         return sorted(rows, key=lambda row: row[keys.EPOCH])
 
-    def version(self, model: str, alias: str) -> dict[str, Any]:
-        """The model version an alias names."""
-        what = (
-            f"the registry of {self.uri} has no model {model!r} with alias {alias!r}; fit one "
-            "first: python -m mlflow_tg.predictor"
-        )
+    def version(self, model: str, alias: str) -> Version:
+        """The model version an alias names (its artifacts are the endpoint's concern)."""
+        what = str(no_version(self.uri, model, alias))
         params = {"name": model, "alias": alias}
         path = f"{API}/registered-models/alias"
-        return self.call("GET", path, what, params=params).json()["model_version"]
+        found = self.call("GET", path, what, params=params).json()["model_version"]
+        tags = {tag["key"]: tag["value"] for tag in found.get("tags", [])}
+        return Version(model, int(found["version"]), tags)
 
     def log(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
         """``runs/log-batch``: metrics at ``step`` and tags, in one request."""
@@ -100,7 +109,7 @@ class Server:
         self.call("POST", f"{API}/runs/log-batch", f"could not log to run {run_id}", json=body)
 
 
-def request_body(history: list[dict[str, Any]], params: dict[str, str], run_id: str) -> str:
+def history_request(history: list[dict[str, Any]], params: dict[str, str], run_id: str) -> str:
     """The run's request: one row per epoch with its metrics and params; missing values null.
 
     All of them: the model takes those it reads, MLflow's scoring server drops the others.
@@ -108,7 +117,7 @@ def request_body(history: list[dict[str, Any]], params: dict[str, str], run_id: 
     metrics = list(dict.fromkeys(k for row in history for k in row if k != keys.EPOCH))
     columns = [keys.RUN_ID, keys.EPOCH, *map(keys.upgrade_graph_key, metrics), *params]
     data = [
-        [run_id, int(row[keys.EPOCH]), *(row.get(m) for m in metrics), *params.values()]
+        [run_id, int(row[keys.EPOCH]), *(cell(row.get(m)) for m in metrics), *params.values()]
         for row in history
     ]
     return json.dumps({"dataframe_split": {"columns": columns, "data": data}})

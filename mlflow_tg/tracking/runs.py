@@ -11,48 +11,27 @@ from __future__ import annotations
 import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
 from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mlflow_tg import keys
+from mlflow_tg.tracking.records import (
+    CorruptHistoryError,
+    RunNotFoundError,
+    RunRecord,
+    history_rows,
+    no_history,
+)
 
 log = logging.getLogger(__name__)
 TARGET = keys.TARGET
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 WARN_RUNS = 5  # run ids named in a warning
-
-
-class RunNotFoundError(LookupError):
-    """An experiment or run that is not in the tracking store, or a run without history."""
-
-
-class CorruptHistoryError(RunNotFoundError):
-    """A run whose ``history.parquet`` is there but cannot be read (a damaged file)."""
-
-
-@dataclass
-class RunRecord:
-    """What the predictor needs of one training run."""
-
-    run_id: str
-    params: dict[str, str]
-    tags: dict[str, str]
-    metrics: dict[str, float]  # latest value of each metric
-    # one row per epoch, with "epoch"; None: no history artifact, or not read (no final TARGET)
-    history: list[dict[str, float]] | None
-    history_error: str | None = None  # why history.parquet could not be read (left out)
-
-    @property
-    def group(self) -> str:
-        """Training configuration without the seed: seed-twins share it."""
-        return self.tags.get(keys.CONFIG_ID, self.run_id)
 
 
 def has_artifact(client: MlflowClient, run_id: str, path: str) -> bool:
@@ -71,17 +50,7 @@ def read_history(client: MlflowClient, run_id: str) -> list[dict[str, float]] | 
             if error.error_code != NOT_FOUND or has_artifact(client, run_id, keys.HISTORY):
                 raise
             return None
-        try:
-            return pl.read_parquet(Path(path)).sort("epoch").to_dicts()
-        except (pl.exceptions.PolarsError, OSError) as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise CorruptHistoryError(
-                f"run {run_id}: its artifact {keys.HISTORY} cannot be read ({reason}). "
-                "train.py rewrites it every epoch, so the copy in the store is damaged (an "
-                "upload cut short, a full disk) and the run's history is lost to the predictor; "
-                f"inspect it with: mlflow artifacts download --run-id {run_id} "
-                f"--artifact-path {keys.HISTORY}"
-            ) from error
+        return history_rows(Path(path), run_id)
 
 
 def record(client: MlflowClient, run: Run, with_history: bool = True) -> RunRecord:
@@ -105,10 +74,7 @@ def load_run(client: MlflowClient, run_id: str) -> RunRecord:
         ) from error
     found = record(client, run)
     if found.history is None:
-        raise RunNotFoundError(
-            f"run {run_id} has no {keys.HISTORY} artifact; only runs of mlflow_tg's "
-            "train.py have one."
-        )
+        raise no_history(run_id)
     return found
 
 
