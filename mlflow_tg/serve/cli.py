@@ -67,7 +67,10 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default=keys.REGISTERED_MODEL, help="registered model")
     predict.add_argument("--alias", default=keys.CHAMPION, help="its version to use")
     predict.add_argument(
-        "--verbose", action="store_true", help="show MLflow's logs, warnings and progress bars"
+        "--verbose",
+        action="store_true",
+        help="go through MLflow's client and show its logs, warnings and progress bars, and "
+        "its check of the version's pip requirements (slower)",
     )
     add_tracking_commands(commands)  # reap, replay
     return cli
