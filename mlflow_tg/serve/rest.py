@@ -61,8 +61,8 @@ class Server:
     def record(self, run_id: str) -> RunRecord:
         """``runs/get`` and the run's history."""
         what = f"run {run_id!r} is not in the tracking store {self.uri}"
-        data = self.call("GET", f"{API}/runs/get", what, params={"run_id": run_id}).json()["run"]
-        data = data["data"]
+        found = self.call("GET", f"{API}/runs/get", what, params={"run_id": run_id}).json()
+        data = found["run"]["data"]
         return RunRecord(
             run_id,
             params={param["key"]: param["value"] for param in data.get("params", [])},

@@ -90,13 +90,6 @@ def history_rows(path: Path, run_id: str) -> list[dict[str, float]]:
         ) from error
 
 
-def no_history(run_id: str) -> RunNotFoundError:
-    """The error for a run without ``history.parquet``."""
-    return RunNotFoundError(
-        f"run {run_id} has no {keys.HISTORY} artifact; only runs of mlflow_tg's train.py have one."
-    )
-
-
 def no_version(store: str, name: str, alias: str) -> RegistryError:
     """The error for a model or alias that the registry lacks."""
     return RegistryError(

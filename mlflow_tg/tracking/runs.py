@@ -24,7 +24,6 @@ from mlflow_tg.tracking.records import (
     RunNotFoundError,
     RunRecord,
     history_rows,
-    no_history,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,10 @@ def load_run(client: MlflowClient, run_id: str) -> RunRecord:
         ) from error
     found = record(client, run)
     if found.history is None:
-        raise no_history(run_id)
+        raise RunNotFoundError(
+            f"run {run_id} has no {keys.HISTORY} artifact; only runs of mlflow_tg's "
+            "train.py have one."
+        )
     return found
 
 
