@@ -59,7 +59,7 @@ def measure_model(name: str, threads: int) -> dict:
     model = make()
     before = peak_rss_mb()
     trace_s, builder = seconds(lambda: RolledGraphBuilder(model, input_shape))
-    refresh_s, _ = seconds(lambda: builder.refresh(model))
+    refresh_s, _ = seconds(lambda: builder.refresh(model, threads))
 
     def centralities(names):
         return compute_centralities(

@@ -9,6 +9,7 @@ run pays at epoch 0: trace the structure, compute the edge
 weights, compute the default centralities (wall time, and the CPU time of the process, which
 other jobs on shared cores inflate less). ``peak MB`` is the process's peak resident memory,
 torch and the model included; ``model MB`` is that peak once the model is built, before tracing.
+The JSON line also has each model's trace, refresh and centrality seconds.
 A model whose graph has more than ``--max-edges`` edges (counted on the meta device first) is
 not captured (none by default). Prints a Markdown
 table, then one JSON line.
@@ -81,7 +82,8 @@ def measure(name: str, threads: int, max_edges: int) -> dict:
         return row | {
             "outcome": "not captured", "vertices": builder.num_vertices, "edges": builder.num_edges
         }  # fmt: skip
-    builder.refresh(model)
+    builder.refresh(model, threads)
+    refreshed = time.perf_counter()
     adjacency = builder.adjacency(threads)
     compute_centralities(lambda: builder.graph, DEFAULT, adjacency=adjacency)
     return row | {
@@ -89,6 +91,8 @@ def measure(name: str, threads: int, max_edges: int) -> dict:
         "vertices": builder.num_vertices,
         "edges": builder.num_edges,
         "trace_s": trace_s,
+        "refresh_s": refreshed - start - trace_s,
+        "centralities_s": time.perf_counter() - refreshed,
         "first_capture_s": time.perf_counter() - start,
         "first_capture_cpu_s": cpu_seconds() - cpu_start,
         "peak_mb": peak_rss_mb(),

@@ -122,6 +122,7 @@ def test_solver_failure_skips_the_capture_with_a_warning(make_cfg, client, caplo
         return original(*args, **kwargs)
 
     calls, original = [], centrality.eigsh
+    monkeypatch.setattr(centrality.coarse, "MAX_PRODUCTS", 0)  # the two-level solver hands over
     monkeypatch.setattr(centrality, "eigsh", failing_at_epoch_one)
     with caplog.at_level(logging.WARNING):
         result = train(make_cfg("model=mlp", "epochs=2"))

@@ -582,6 +582,50 @@ def test_block_products_equal_graph_tools_adjacency(model, input_shape):
     np.testing.assert_allclose(adjacency.flow.T @ x, flow.T @ x, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("model", "input_shape"),
+    [
+        (Dense(), (1, 3, 3)),
+        (Repeated(), (1, 2, 2)),
+        (torchvision.models.mobilenet_v3_small(num_classes=10), (3, 32, 32)),
+    ],
+)
+def test_blocks_multiplied_piece_by_piece_give_the_same_products(model, input_shape, monkeypatch):
+    from graph_tool import spectral
+
+    from mlflow_tg.graph import operator
+
+    monkeypatch.setattr(operator, "PIECE_BYTES", 16)  # every block of two rows or more in pieces
+    monkeypatch.setattr(operator, "THREADED_FROM_EDGES", 0)  # and shared out to threads
+    builder = RolledGraphBuilder(seeded(model), input_shape)
+    graph = builder.build(model)
+    assert any(block.edges * 8 > 16 for block in builder.plan.blocks)
+    undirected = spectral.adjacency(graph, weight=graph.ep["weight"])
+    x = np.random.default_rng(0).random(graph.num_vertices())
+    for threads in (1, 2):
+        product = builder.adjacency(threads).undirected @ x
+        np.testing.assert_allclose(product, undirected @ x, rtol=1e-12)
+
+
+def test_threads_share_out_the_refresh_without_changing_it(monkeypatch):
+    import mlflow_tg.graph.build as build
+
+    monkeypatch.setattr(build, "THREADED_FROM_EDGES", 0)
+    model = seeded(torchvision.models.mobilenet_v3_small(num_classes=10))
+    alone, shared = (RolledGraphBuilder(model, (3, 32, 32)) for _ in range(2))
+    alone.refresh(model, threads=1)
+    shared.refresh(model, threads=2)
+    np.testing.assert_array_equal(shared.weights, alone.weights)
+    with torch.no_grad():  # two layers far apart, so that each thread meets one of them
+        model.features[0][0].weight[0, 0, 0, 0] = float("nan")
+        model.classifier[3].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteWeightsError) as error:
+        shared.refresh(model, threads=2)
+    assert str(error.value) == ("NaN or infinite edge weights from features.0.0, classifier.3"), (
+        str(error.value)
+    )
+
+
 def test_threads_share_out_the_products_without_changing_them():
     from mlflow_tg.graph.operator import THREADED_FROM_EDGES
 

@@ -8,7 +8,15 @@ import polars as pl
 import torch
 from torch import nn
 
-from mlflow_tg.graph.operator import Adjacency, flow_operator, undirected_operator
+from mlflow_tg.graph.operator import (
+    THREADED_FROM_EDGES,
+    Adjacency,
+    balanced_shares,
+    flow_operator,
+    layer_space,
+    thread_pool,
+    undirected_operator,
+)
 from mlflow_tg.graph.trace import (
     EdgeBlock,
     GraphUnsupportedError,
@@ -222,24 +230,41 @@ class RolledGraphBuilder:
         graph.vp["channel"] = graph.new_vertex_property("int", vals=nodes["channel"])
         return graph
 
-    def refresh(self, model: nn.Module) -> None:
+    def refresh(self, model: nn.Module, threads: int = 1) -> None:
         """Recompute every block edge's weight from ``model``'s current parameters, in place.
+
+        ``threads`` share out the blocks of a large network (torch releases the GIL): the first
+        refresh of a large model is mostly the first writes to fresh memory.
 
         Raises:
             NonFiniteWeightsError: naming the layers whose weights are NaN or infinite.
         """
-        weights, start, bad = self.weights, 0, []
-        with torch.no_grad():
-            for block in self.plan.blocks:
-                part = weights[start : start + block.edges]
-                # .cpu(): the model may live on an accelerator, the graph lives in numpy
-                part[:] = block_weights(model, block).cpu().ravel()
-                if not np.isfinite(part).all():
-                    bad.append(block.layer)
-                start += block.edges
+        slices, start = [], 0
+        for number, block in enumerate(self.plan.blocks):
+            slices.append((number, block, self.weights[start : start + block.edges]))
+            start += block.edges
+
+        def fill(share: list[tuple]) -> list[int]:
+            bad = []
+            with torch.no_grad():  # thread-local: each worker turns autograd off for itself
+                for number, block, part in share:
+                    # straight into the numpy array (on an accelerator: computed there, copied)
+                    out = torch.from_numpy(part).view(len(block.outputs), -1)
+                    block_weights(model, block, out)
+                    if not np.isfinite(part).all():
+                        bad.append(number)
+            return bad
+
+        if threads > 1 and self.weights.size >= THREADED_FROM_EDGES:
+            shares = balanced_shares(slices, threads, size=lambda item: item[1].edges)
+            found = thread_pool(len(shares)).map(fill, shares)
+            bad = sorted(number for share in found for number in share)
+        else:
+            bad = fill(slices)
         self._stale = True
         if bad:
-            raise NonFiniteWeightsError(f"NaN or infinite edge weights from {', '.join(bad)}")
+            layers = ", ".join(self.plan.blocks[number].layer for number in bad)
+            raise NonFiniteWeightsError(f"NaN or infinite edge weights from {layers}")
 
     def build(self, model: nn.Module) -> gt.Graph:
         """The graph-tool graph with the weights of ``model`` as it is now."""
@@ -256,4 +281,5 @@ class RolledGraphBuilder:
             undirected_operator(blocks, self.weights, n, threads),
             flow_operator(blocks, self.weights, n),
             SOLVER_TOLERANCE[self.weights.dtype],
+            layer_space(blocks, self.weights, self.nodes["layer_index"].to_numpy(), threads),
         )

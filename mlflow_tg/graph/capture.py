@@ -63,8 +63,9 @@ class GraphCapture:
         """Measure the graph of ``model`` as it is now and log its tables."""
         start = time.perf_counter()
         try:
-            self.builder.refresh(model)
-            adjacency = self.builder.adjacency(self.cfg.threads or os.cpu_count() or 1)
+            threads = self.cfg.threads or os.cpu_count() or 1
+            self.builder.refresh(model, threads)
+            adjacency = self.builder.adjacency(threads)
             centralities = compute_centralities(
                 lambda: self.builder.graph,  # built only for betweenness and closeness
                 list(self.cfg.centralities),

@@ -51,6 +51,7 @@ import numpy as np
 from graph_tool import centrality, spectral, topology
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, cg, eigsh, svds
 
+from mlflow_tg.graph import coarse
 from mlflow_tg.graph.operator import Adjacency
 
 CENTRALITIES: tuple[str, ...] = (
@@ -151,6 +152,7 @@ class _Context:
     ) -> None:  # fmt: skip
         self.source, self.pivots, self.sources, self.seed = graph, pivots, sources, seed
         self.given = adjacency
+        self.layers = None if adjacency is None else adjacency.layers
         self.tolerance = 1e-10 if adjacency is None else adjacency.tolerance
         self.n = self.graph.num_vertices() if adjacency is None else adjacency.undirected.shape[0]
 
@@ -187,7 +189,7 @@ class _Context:
     @cached_property
     def perron(self) -> tuple[float, np.ndarray]:
         """λ_max and the Perron eigenvector of W, shared by eigenvector and katz."""
-        return _perron(self.undirected, self.strength, self.tolerance)
+        return _perron(self.undirected, self.strength, self.tolerance, self.layers)
 
     @cached_property
     def positive(self) -> gt.Graph:
@@ -204,24 +206,33 @@ class _Context:
             return self.graph.new_edge_property("double", vals=1.0 / self.weight.a)
 
 
-def _perron(adjacency, strength: np.ndarray, tolerance: float) -> tuple[float, np.ndarray]:
+def _perron(
+    adjacency, strength: np.ndarray, tolerance: float, layers: coarse.Layers | None = None
+) -> tuple[float, np.ndarray]:
     """Largest eigenvalue and its eigenvector (absolute, L2 norm 1) of a symmetric matrix ≥ 0.
 
     ``strength`` is ``adjacency @ 1``; when it is all zero so is the matrix, without a Perron
-    vector. ``tolerance`` is ARPACK's relative accuracy of the eigenpair.
+    vector. ``tolerance`` is ARPACK's relative accuracy of the eigenpair. With ``layers`` the
+    two-level solver runs first (3 products instead of 60-140 on ViTs); Lanczos
+    finishes from its vector should it not converge.
     """
     n = adjacency.shape[0]
     if not strength.any():
         return 0.0, np.zeros(n)
+    start = np.ones(n)
     if n <= _DENSE_MAX_VERTICES:
         values, vectors = np.linalg.eigh(adjacency @ np.eye(n))
         value, vector = values[-1], vectors[:, -1]
+    elif layers is not None and (found := coarse.perron(adjacency, layers, strength, tolerance))[2]:
+        value, vector, _ = found
     else:
+        if layers is not None:
+            start = np.abs(found[1])
         # which="LA" (largest algebraic), not "LM": on a bipartite graph -λ_max has the same
         # magnitude. A positive start vector overlaps the non-negative Perron vector and keeps
         # ARPACK deterministic.
         # tol 1e-10 instead of machine precision: a third faster, vector off by ~1e-12.
-        values, vectors = eigsh(adjacency, k=1, which="LA", v0=np.ones(n), tol=tolerance)
+        values, vectors = eigsh(adjacency, k=1, which="LA", v0=start, tol=tolerance)
         value, vector = values[0], vectors[:, 0]
     vector = np.abs(vector)
     return float(value), vector / np.linalg.norm(vector)
@@ -250,9 +261,16 @@ _CG_RTOL = "rtol" if "rtol" in inspect.signature(cg).parameters else "tol"
 
 
 def conjugate_gradient(
-    matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, rtol: float = 1e-10
+    matvec: Callable[[np.ndarray], np.ndarray],
+    b: np.ndarray,
+    rtol: float = 1e-10,
+    preconditioner: LinearOperator | None = None,
+    start: np.ndarray | None = None,
 ) -> np.ndarray:
     """Solve ``M x = b`` for a symmetric positive-definite M given as ``matvec`` (scipy's cg).
+
+    ``preconditioner`` (symmetric positive definite, approximating M⁻¹) and ``start`` go to cg
+    as ``M`` and ``x0``.
 
     scipy's cg spends one product more than the hand-written CG it replaced (the residual of
     its start vector), measured on a rolled torchvision ResNet-18 (4,907 vertices, 1.9 M
@@ -276,7 +294,9 @@ def conjugate_gradient(
         raise ConvergenceError(overflow)
     n = len(b)
     operator = LinearOperator((n, n), matvec=checked, dtype=np.float64)
-    x, info = cg(operator, b, maxiter=10 * n + 100, atol=0.0, **{_CG_RTOL: rtol})
+    x, info = cg(
+        operator, b, x0=start, M=preconditioner, maxiter=10 * n + 100, atol=0.0, **{_CG_RTOL: rtol}
+    )
     if info != 0:
         raise ConvergenceError(f"conjugate gradients did not converge (scipy cg info {info})")
     return x
@@ -290,8 +310,19 @@ def _pagerank(context: _Context) -> np.ndarray:
     weighted = strength > 0
     inv_sqrt = np.zeros(context.n)
     inv_sqrt[weighted] = 1 / np.sqrt(strength[weighted])
+    preconditioner, start = None, None
+    if context.layers is not None and context.n > _DENSE_MAX_VERTICES:
+        # the layer space as a coarse correction: 7 products instead of 19 on ViTs
+        preconditioner, correction = coarse.pagerank_preconditioner(
+            context.layers, inv_sqrt, damping
+        )
+        start = correction(inv_sqrt)
     y = conjugate_gradient(
-        lambda v: v - damping * inv_sqrt * (adjacency @ (inv_sqrt * v)), inv_sqrt, context.tolerance
+        lambda v: v - damping * inv_sqrt * (adjacency @ (inv_sqrt * v)),
+        inv_sqrt,
+        context.tolerance,
+        preconditioner,
+        start,
     )
     rank = np.ones(context.n)  # a vertex without weight only gets c
     rank[weighted] = np.sqrt(strength[weighted]) * y[weighted]

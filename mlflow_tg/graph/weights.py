@@ -45,30 +45,46 @@ def scale_factor(model: nn.Module, terms: list[ScaleTerm]) -> torch.Tensor | Non
     return factor
 
 
-def layer_norms(model: nn.Module, block: EdgeBlock) -> torch.Tensor:
-    """Norms of a block's weight slices, (out, inputs per output), where the weights live."""
+def layer_norms(
+    model: nn.Module, block: EdgeBlock, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Norms of a block's weight slices, (out, inputs per output), where the weights live.
+
+    Written into ``out`` when it has the weights' device and precision: a large model's
+    temporary copy costs more than the norms themselves (fresh pages, then a second copy).
+    """
     if block.kind == "join":
-        return torch.ones(len(block.inputs), 1)
+        return torch.ones(len(block.inputs), 1) if out is None else out.fill_(1)
     weight = full_precision(model.get_parameter(block.weight))
     if block.rows is not None:
         weight = weight[block.rows[0] : block.rows[1]]
+    if out is not None and (out.dtype, out.device) != (weight.dtype, weight.device):
+        out = None
     if block.kind == "conv":
         slices = weight.flatten(2)  # (out, in/groups, kernel positions)
     else:
         slices = weight.reshape(weight.shape[0], len(block.inputs), block.positions)
     if slices.shape[2] == 1:  # 1×1 kernels, plain linear layers: the norm is |w|, 10x faster
-        return slices[:, :, 0].abs()
-    return torch.linalg.vector_norm(slices, dim=2)
+        return torch.abs(slices[:, :, 0], out=out) if out is not None else slices[:, :, 0].abs()
+    return torch.linalg.vector_norm(slices, dim=2, out=out)
 
 
-def block_weights(model: nn.Module, block: EdgeBlock) -> torch.Tensor:
-    """The (out, in/groups) weights of one block's edges, with norm and layer scales folded in."""
-    norms = layer_norms(model, block)
+def block_weights(
+    model: nn.Module, block: EdgeBlock, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The (out, in/groups) weights of one block's edges, with norm and layer scales folded in.
+
+    ``out``, when given, receives them (converted to its precision and device).
+    """
+    norms = layer_norms(model, block, out)
     incoming = scale_factor(model, block.in_scale)
     if incoming is not None:  # column j of row o is input channel (o's group start) + j
         incoming = incoming.to(norms.device).reshape(block.groups, 1, -1)
-        norms = (norms.reshape(block.groups, -1, block.per_group) * incoming).reshape(norms.shape)
+        norms.view(block.groups, -1, block.per_group).mul_(incoming)
     outgoing = scale_factor(model, block.out_folds)
     if outgoing is not None:
-        norms = norms * outgoing.to(norms.device)[:, None]
+        norms.mul_(outgoing.to(norms.device)[:, None])
+    if out is not None and norms is not out:
+        out.copy_(norms)
+        return out
     return norms
