@@ -192,3 +192,35 @@ def test_a_torchvision_network_needs_a_handful_of_products():
         np.testing.assert_allclose(
             result[name], expected[name], rtol=0, atol=1e-8 * expected[name].max(), err_msg=name
         )
+
+
+def test_a_network_without_weight_gets_the_uniform_pagerank():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    builder = RolledGraphBuilder(model, (4,))
+    builder.refresh(model)
+    result = compute_centralities(
+        lambda: None, ["eigenvector", "pagerank"], adjacency=builder.adjacency()
+    )
+    np.testing.assert_allclose(result["pagerank"], np.full(15, 1 / 15), rtol=1e-12)
+    np.testing.assert_array_equal(result["eigenvector"], np.zeros(15))
+
+
+class WithAnEmptyLayer(torch.nn.Module):
+    """A layer of no outputs beside one of three, concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 0)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def test_a_layer_without_outputs_is_refreshed():
+    model = WithAnEmptyLayer()
+    builder = RolledGraphBuilder(model, (4,))
+    builder.refresh(model)
+    np.testing.assert_allclose(builder.weights, model.a.weight.detach().abs().numpy().ravel())

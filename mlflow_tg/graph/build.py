@@ -249,7 +249,7 @@ class RolledGraphBuilder:
             with torch.no_grad():  # thread-local: each worker turns autograd off for itself
                 for number, block, part in share:
                     # straight into the numpy array (on an accelerator: computed there, copied)
-                    out = torch.from_numpy(part).view(len(block.outputs), -1)
+                    out = torch.from_numpy(part).view(len(block.outputs), block.per_group)
                     block_weights(model, block, out)
                     if not np.isfinite(part).all():
                         bad.append(number)

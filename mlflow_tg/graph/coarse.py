@@ -7,7 +7,8 @@ within 2.3 %), and Lanczos needs 100-120 products of W to separate it, whatever 
 size. The space of "one value per layer, times a fixed profile inside the layer" holds almost
 all of those directions (cosine 0.9999999 between the Perron vector and its best vector in that
 space), and W applied to all of its columns costs one pass over the weights, because each layer
-block reads one layer and writes one. So both solvers carry that space along exactly:
+block reads one layer and writes one (a concatenation reads several: one product per layer).
+So both solvers carry that space along exactly:
 
 - ``perron``: Rayleigh-Ritz on the layer space plus the residuals of the current estimate
   (Davidson's method without a preconditioner): 3 products of W instead of 60-140 on ViTs.
@@ -55,17 +56,24 @@ class Layers:
             index, count, lambda values: sp.csr_matrix(adjacency @ basis(index, count, values))
         )
 
-    def space(self, values: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        """(P, W P) with each column of P of unit norm; layers where ``values`` is zero dropped.
+    def unit_basis(self, values: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        """(P, kept layers, every layer's norm of ``values``), P's columns of unit norm.
 
-        P's columns have disjoint supports, so they are orthonormal.
+        Layers where ``values`` is zero are dropped. P's columns have disjoint supports, so they
+        are orthonormal.
         """
         norms = np.sqrt(np.bincount(self.index, values * values, minlength=self.count))
         kept = np.flatnonzero(norms > 0)
         scale = np.zeros(self.count)
         scale[kept] = 1 / norms[kept]
-        unit = values * scale[self.index]
-        return basis(self.index, self.count, unit)[:, kept], self.spread(unit)[:, kept]
+        return basis(self.index, self.count, values * scale[self.index])[:, kept], kept, norms
+
+    def space(self, values: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """(P, W P) for P of ``unit_basis``: one pass over the weights."""
+        coarse, kept, norms = self.unit_basis(values)
+        scale = np.zeros(self.count)
+        scale[kept] = 1 / norms[kept]
+        return coarse, self.spread(values * scale[self.index])[:, kept]
 
 
 def basis(index: np.ndarray, count: int, values: np.ndarray) -> sp.csr_matrix:
@@ -106,7 +114,7 @@ def perron(
             direction = direction - coarse @ (coarse.T @ direction) - added @ (added.T @ direction)
         norm = np.linalg.norm(direction)
         if norm <= 1e-14 * np.linalg.norm(residual):  # the basis holds an invariant subspace
-            return float(value), vector, True
+            break
         direction /= norm
         product = np.asarray(adjacency @ direction, dtype=np.float64)
         added = np.column_stack([added, direction])
@@ -126,16 +134,14 @@ def pagerank_preconditioner(
     nearly. ``M⁻¹ = (I - Q M)(I - M Q) + Q`` with ``Q = B (Bᵀ M B)⁻¹ Bᵀ`` and ``M`` the system
     (balancing Neumann-Neumann) is symmetric positive definite, costs no product of W per
     iteration once M B is known (one pass), and removes the coarse directions from CG's work.
-    Returns the preconditioner and ``b ↦ Q b``, CG's start vector.
+    Returns the preconditioner and ``b ↦ Q b``, CG's start vector. Needs a vertex with weight.
     """
     weighted = inv_sqrt > 0
     root = np.zeros_like(inv_sqrt)
     root[weighted] = 1 / inv_sqrt[weighted]
-    coarse, _ = layers.space(root)
+    coarse, kept, norms = layers.unit_basis(root)
     # M B = B - d D^-½ W D^-½ B, and D^-½ B is the indicator of each layer's weighted vertices,
-    # scaled by the column's norm.
-    norms = np.sqrt(np.bincount(layers.index, root * root, minlength=layers.count))
-    kept = np.flatnonzero(norms > 0)
+    # scaled by the column's norm: one pass over the weights.
     spread = layers.spread(weighted.astype(np.float64))[:, kept] @ sp.diags(1 / norms[kept])
     coarse_system = sp.csr_matrix(coarse - damping * sp.diags(inv_sqrt) @ spread)
     gram = _dense(coarse.T @ coarse_system)
