@@ -13,7 +13,7 @@ So both solvers carry that space along exactly:
 - ``perron``: Rayleigh-Ritz on the layer space plus the residuals of the current estimate
   (Davidson's method without a preconditioner): 3 products of W instead of 60-140 on ViTs.
 - ``pagerank_preconditioner``: conjugate gradients preconditioned by a coarse-space correction
-  (the balancing Neumann-Neumann / deflation preconditioner): 7 products instead of 19.
+  (the balancing Neumann-Neumann / deflation preconditioner): 6 products instead of 19.
 
 Both stop on the same residual as the one-level solvers, so they answer the same centralities.
 """
