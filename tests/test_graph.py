@@ -608,9 +608,9 @@ def test_blocks_multiplied_piece_by_piece_give_the_same_products(model, input_sh
 
 
 def test_threads_share_out_the_refresh_without_changing_it(monkeypatch):
-    import mlflow_tg.graph.build as build
+    from mlflow_tg.graph import operator
 
-    monkeypatch.setattr(build, "THREADED_FROM_EDGES", 0)
+    monkeypatch.setattr(operator, "THREADED_FROM_EDGES", 0)
     model = seeded(torchvision.models.mobilenet_v3_small(num_classes=10))
     alone, shared = (RolledGraphBuilder(model, (3, 32, 32)) for _ in range(2))
     alone.refresh(model, threads=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import graph_tool as gt
 import numpy as np
 import polars as pl
@@ -9,12 +11,12 @@ import torch
 from torch import nn
 
 from mlflow_tg.graph.operator import (
-    THREADED_FROM_EDGES,
     Adjacency,
-    balanced_shares,
+    block_layers,
     flow_operator,
+    in_threads,
     layer_space,
-    thread_pool,
+    shared_out,
     undirected_operator,
 )
 from mlflow_tg.graph.trace import (
@@ -194,6 +196,16 @@ class RolledGraphBuilder:
         self._merge: np.ndarray | None = None
         self._stale = True  # the graph's weights are older than ``weights``
 
+    @cached_property
+    def layer_of_vertex(self) -> np.ndarray:
+        """The layer index of each vertex."""
+        return self.nodes["layer_index"].to_numpy()
+
+    @cached_property
+    def block_layers(self) -> list[tuple[np.ndarray, ...]]:
+        """The layers each block reads and writes: fixed by the trace, so found once."""
+        return block_layers(self.plan.blocks, self.layer_of_vertex)
+
     @property
     def num_vertices(self) -> int:
         """Number of vertices."""
@@ -255,12 +267,8 @@ class RolledGraphBuilder:
                         bad.append(number)
             return bad
 
-        if threads > 1 and self.weights.size >= THREADED_FROM_EDGES:
-            shares = balanced_shares(slices, threads, size=lambda item: item[1].edges)
-            found = thread_pool(len(shares)).map(fill, shares)
-            bad = sorted(number for share in found for number in share)
-        else:
-            bad = fill(slices)
+        shares = shared_out(slices, threads, self.weights.size, size=lambda item: item[1].edges)
+        bad = sorted(number for found in in_threads(fill, shares) for number in found)
         self._stale = True
         if bad:
             layers = ", ".join(self.plan.blocks[number].layer for number in bad)
@@ -281,5 +289,5 @@ class RolledGraphBuilder:
             undirected_operator(blocks, self.weights, n, threads),
             flow_operator(blocks, self.weights, n),
             SOLVER_TOLERANCE[self.weights.dtype],
-            layer_space(blocks, self.weights, self.nodes["layer_index"].to_numpy(), threads),
+            layer_space(blocks, self.weights, self.layer_of_vertex, self.block_layers, threads),
         )

@@ -219,21 +219,25 @@ def _perron(
     n = adjacency.shape[0]
     if not strength.any():
         return 0.0, np.zeros(n)
-    start = np.ones(n)
     if n <= _DENSE_MAX_VERTICES:
         values, vectors = np.linalg.eigh(adjacency @ np.eye(n))
-        value, vector = values[-1], vectors[:, -1]
-    elif layers is not None and (found := coarse.perron(adjacency, layers, strength, tolerance))[2]:
-        value, vector, _ = found
-    else:
-        if layers is not None:
-            start = np.abs(found[1])
-        # which="LA" (largest algebraic), not "LM": on a bipartite graph -λ_max has the same
-        # magnitude. A positive start vector overlaps the non-negative Perron vector and keeps
-        # ARPACK deterministic.
-        # tol 1e-10 instead of machine precision: a third faster, vector off by ~1e-12.
-        values, vectors = eigsh(adjacency, k=1, which="LA", v0=start, tol=tolerance)
-        value, vector = values[0], vectors[:, 0]
+        return _unit_perron(values[-1], vectors[:, -1])
+    start = np.ones(n)
+    if layers is not None:
+        value, vector, converged = coarse.perron(adjacency, layers, strength, tolerance)
+        if converged:
+            return _unit_perron(value, vector)
+        start = np.abs(vector)
+    # which="LA" (largest algebraic), not "LM": on a bipartite graph -λ_max has the same
+    # magnitude. A positive start vector overlaps the non-negative Perron vector and keeps
+    # ARPACK deterministic.
+    # tol 1e-10 instead of machine precision: a third faster, vector off by ~1e-12.
+    values, vectors = eigsh(adjacency, k=1, which="LA", v0=start, tol=tolerance)
+    return _unit_perron(values[0], vectors[:, 0])
+
+
+def _unit_perron(value: float, vector: np.ndarray) -> tuple[float, np.ndarray]:
+    """The eigenpair as returned: absolute values (the Perron vector's sign), L2 norm 1."""
     vector = np.abs(vector)
     return float(value), vector / np.linalg.norm(vector)
 

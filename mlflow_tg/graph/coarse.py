@@ -56,24 +56,25 @@ class Layers:
             index, count, lambda values: sp.csr_matrix(adjacency @ basis(index, count, values))
         )
 
-    def unit_basis(self, values: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-        """(P, kept layers, every layer's norm of ``values``), P's columns of unit norm.
+    def normalised(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(``values`` scaled to unit norm on each layer, the kept layers, each layer's norm).
 
-        Layers where ``values`` is zero are dropped. P's columns have disjoint supports, so they
-        are orthonormal.
+        A layer is kept where ``values`` is not all zero.
         """
         norms = np.sqrt(np.bincount(self.index, values * values, minlength=self.count))
         kept = np.flatnonzero(norms > 0)
         scale = np.zeros(self.count)
         scale[kept] = 1 / norms[kept]
-        return basis(self.index, self.count, values * scale[self.index])[:, kept], kept, norms
+        return values * scale[self.index], kept, norms
+
+    def basis(self, unit: np.ndarray, kept: np.ndarray) -> sp.csr_matrix:
+        """P with ``unit`` on each kept layer's column: disjoint supports, so orthonormal."""
+        return basis(self.index, self.count, unit)[:, kept]
 
     def space(self, values: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        """(P, W P) for P of ``unit_basis``: one pass over the weights."""
-        coarse, kept, norms = self.unit_basis(values)
-        scale = np.zeros(self.count)
-        scale[kept] = 1 / norms[kept]
-        return coarse, self.spread(values * scale[self.index])[:, kept]
+        """(P, W P) for P of ``values`` normalised per layer: one pass over the weights."""
+        unit, kept, _ = self.normalised(values)
+        return self.basis(unit, kept), self.spread(unit)[:, kept]
 
 
 def basis(index: np.ndarray, count: int, values: np.ndarray) -> sp.csr_matrix:
@@ -139,7 +140,8 @@ def pagerank_preconditioner(
     weighted = inv_sqrt > 0
     root = np.zeros_like(inv_sqrt)
     root[weighted] = 1 / inv_sqrt[weighted]
-    coarse, kept, norms = layers.unit_basis(root)
+    unit, kept, norms = layers.normalised(root)
+    coarse = layers.basis(unit, kept)
     # M B = B - d D^-½ W D^-½ B, and D^-½ B is the indicator of each layer's weighted vertices,
     # scaled by the column's norm: one pass over the weights.
     spread = layers.spread(weighted.astype(np.float64))[:, kept] @ sp.diags(1 / norms[kept])

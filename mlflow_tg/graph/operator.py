@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -167,24 +168,31 @@ def by_layer(values: np.ndarray, layer_of: np.ndarray, layers: np.ndarray):
     return [(layer, values * (layer_of == layer)) for layer in layers]
 
 
+def block_layers(blocks: list[EdgeBlock], index: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """The layers each block reads and writes (``index``: layer of each vertex), once per run."""
+    return [(np.unique(index[block.inputs]), np.unique(index[block.outputs])) for block in blocks]
+
+
 def layer_space(
-    blocks: list[EdgeBlock], weights: np.ndarray, index: np.ndarray, threads: int = 1
+    blocks: list[EdgeBlock],
+    weights: np.ndarray,
+    index: np.ndarray,
+    sides: list[tuple[np.ndarray, ...]],
+    threads: int = 1,
 ) -> Layers:
     """The layers of a rolled graph (``index``: layer of each vertex) with W P in one pass.
 
     A block reads its inputs and writes its outputs, so W P's column for a layer gets the
     block's push from the layer's inputs and its pull from the layer's outputs: one product of
     each block, as in one product of W, splitting a block's inputs only where they come from
-    several layers (a concatenation). ``threads`` share out the blocks, as in the products.
+    several layers (a concatenation). ``sides`` is ``block_layers``; ``threads`` share out the
+    blocks, as in the products.
     """
     count = int(index.max()) + 1 if len(index) else 0
     parts = [
-        (part, np.unique(index[part[0]]), np.unique(index[part[1]]))
-        for part in weight_blocks(blocks, weights)
+        (part, *layers) for part, layers in zip(weight_blocks(blocks, weights), sides, strict=True)
     ]
-    shares = [parts]
-    if weights.size >= THREADED_FROM_EDGES:
-        shares = balanced_shares(parts, threads, size=lambda item: item[0][2].size)
+    shares = shared_out(parts, threads, weights.size, size=lambda item: item[0][2].size)
 
     def share_entries(values: np.ndarray, share: list[tuple]) -> tuple[list, list, list]:
         rows, columns, entries = [], [], []
@@ -210,12 +218,7 @@ def layer_space(
 
     def spread(values: np.ndarray) -> sp.csr_matrix:
         values = as_weights(values, weights)
-        if len(shares) == 1:
-            found = [share_entries(values, shares[0])]
-        else:
-            with _BLAS.limit(limits=1, user_api="blas"):
-                pool = thread_pool(len(shares))
-                found = list(pool.map(lambda share: share_entries(values, share), shares))
+        found = in_threads(lambda share: share_entries(values, share), shares)
         rows, columns, entries = [], [], []
         for share_rows, share_columns, share_values in found:
             rows += share_rows
@@ -247,6 +250,24 @@ def balanced_shares(parts: list, threads: int, size=lambda part: part[2].size) -
     return [share for share in shares if share]
 
 
+def shared_out(parts: list, threads: int, edges: int, size=lambda part: part[2].size) -> list:
+    """``parts`` as one share, or dealt to ``threads`` on a graph large enough to gain."""
+    if threads > 1 and edges >= THREADED_FROM_EDGES:
+        return balanced_shares(parts, threads, size)
+    return [parts]
+
+
+def in_threads(work: Callable[[list], Any], shares: list[list]) -> list:
+    """``work`` of each share, the shares in threads of one BLAS thread each.
+
+    numpy and torch release the GIL in their kernels; more BLAS threads than cores thrash.
+    """
+    if len(shares) == 1:
+        return [work(shares[0])]
+    with _BLAS.limit(limits=1, user_api="blas"):
+        return list(thread_pool(len(shares)).map(work, shares))
+
+
 def undirected_operator(
     blocks: list[EdgeBlock], weights: np.ndarray, n: int, threads: int = 1
 ) -> LinearOperator:
@@ -259,8 +280,7 @@ def undirected_operator(
     BLAS thread (numpy releases the GIL in BLAS): a third faster on two cores for ViT-B/16,
     while BLAS's own threads gain nothing on matrix-vector products.
     """
-    parts = weight_blocks(blocks, weights)
-    shares = balanced_shares(parts, threads) if weights.size >= THREADED_FROM_EDGES else [parts]
+    shares = shared_out(weight_blocks(blocks, weights), threads, weights.size)
 
     def product(x: np.ndarray, share: list[tuple]) -> np.ndarray:
         y = np.zeros(n)
@@ -270,9 +290,6 @@ def undirected_operator(
 
     def both_ways(x: np.ndarray) -> np.ndarray:
         x = as_weights(x, weights)
-        if len(shares) == 1:
-            return product(x, shares[0])
-        with _BLAS.limit(limits=1, user_api="blas"):  # more threads than cores thrash
-            return sum(thread_pool(len(shares)).map(lambda share: product(x, share), shares))
+        return sum(in_threads(lambda share: product(x, share), shares))
 
     return LinearOperator((n, n), both_ways, rmatvec=both_ways, dtype=np.float64)
