@@ -48,8 +48,7 @@ def weight_dtype(precision: str, edges: int) -> np.dtype:
 
 def renumber(plan: Plan) -> np.ndarray:
     """Number the vertices left once sums merged theirs, in the blocks too; return their ids."""
-    roots = np.array([plan.find(v) for v in range(len(plan.layers))])
-    kept, final_id = np.unique(roots, return_inverse=True)
+    kept, final_id = np.unique(plan.representatives(), return_inverse=True)
     for block in plan.blocks:
         block.inputs, block.outputs = final_id[block.inputs], final_id[block.outputs]
         block.repeated_inputs = len(np.unique(block.inputs)) < len(block.inputs)
@@ -58,17 +57,23 @@ def renumber(plan: Plan) -> np.ndarray:
 
 def vertex_table(plan: Plan, kept: np.ndarray) -> pl.DataFrame:
     """One row per vertex: its layer, the layer's data-flow position, its kind and channel."""
-    layers = [plan.layers[v] for v in kept]
-    layer_order = {name: index for index, name in enumerate(dict.fromkeys(layers))}
+    layers, kinds, starts, counts = zip(*plan.spans, strict=True)
+    span = np.repeat(np.arange(len(plan.spans)), counts)[kept]  # each kept vertex's span
+    # a layer's position: the order in which the kept vertices, by id, first meet it
+    present = np.unique(span)
+    order = {
+        name: position for position, name in enumerate(dict.fromkeys(layers[s] for s in present))
+    }
+    layer_index = np.zeros(len(plan.spans), np.int32)
+    layer_index[present] = [order[layers[s]] for s in present]
     return pl.DataFrame(
         {
             "node": np.arange(len(kept), dtype=np.int64),
-            "layer": layers,
-            "layer_index": [layer_order[name] for name in layers],
-            "kind": [plan.kinds[v] for v in kept],
-            "channel": [plan.channels[v] for v in kept],
-        },
-        schema_overrides={"layer_index": pl.Int32, "channel": pl.Int32},
+            "layer": pl.Series(layers, dtype=pl.String).gather(span),
+            "layer_index": layer_index[span],
+            "kind": pl.Series(kinds, dtype=pl.String).gather(span),
+            "channel": (kept - np.asarray(starts)[span]).astype(np.int32),
+        }
     )
 
 

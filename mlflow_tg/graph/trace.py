@@ -197,28 +197,33 @@ class Plan:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.layers: list[str] = []  # vertex layer name, by provisional vertex id
-        self.kinds: list[str] = []
-        self.channels: list[int] = []
+        # One span per ``new_vertices``: (layer, kind, first vertex, count). Vertex labels are
+        # kept per span, not per vertex: a large network has hundreds of thousands of vertices.
+        self.spans: list[tuple[str, str, int, int]] = []
+        self.num_vertices = 0  # provisional vertex ids, before sums merged some
         self.blocks: list[EdgeBlock] = []
-        # Provisional vertex ids that sums made one vertex. DisjointSet picks a merged set's
-        # root by size (in ``h(c(x) + (a(x) + b(x)))`` the sum's vertices would take layer a's
-        # label, not c's), so ``leader`` records which vertex's label each merged set keeps.
+        # The provisional vertex ids that sums made one vertex (only those: the others are
+        # their own). DisjointSet picks a merged set's root by size (in
+        # ``h(c(x) + (a(x) + b(x)))`` the sum's vertices would take layer a's label, not c's),
+        # so ``leader`` records which vertex's label each merged set keeps.
         self.sets = DisjointSet()
         self.leader: dict[int, int] = {}  # root in ``sets`` → the vertex whose label it keeps
 
     def new_vertices(self, layer: str, kind: str, count: int) -> np.ndarray:
         """Create ``count`` vertices for the channels of ``layer``."""
-        start = len(self.layers)
-        self.layers += [layer] * count
-        self.kinds += [kind] * count
-        self.channels += range(count)
-        for vertex in range(start, start + count):
-            self.sets.add(vertex)
+        start = self.num_vertices
+        self.spans.append((layer, kind, start, count))
+        self.num_vertices += count
         return np.arange(start, start + count)
+
+    def has_layer(self, layer: str) -> bool:
+        """Whether vertices were created for ``layer``."""
+        return any(span[0] == layer for span in self.spans)
 
     def find(self, vertex: int) -> int:
         """Representative of a vertex: the one whose label its merged vertex keeps."""
+        if vertex not in self.sets:
+            return vertex
         root = self.sets[vertex]
         return self.leader.get(root, root)
 
@@ -226,8 +231,17 @@ class Plan:
         """Make ``merge[c]`` the same vertex as ``keep[c]`` (which keeps its label) for each c."""
         for a, b in zip(keep.tolist(), merge.tolist(), strict=True):
             label = self.find(a)
+            self.sets.add(a)
+            self.sets.add(b)
             self.sets.merge(a, b)
             self.leader[self.sets[a]] = label
+
+    def representatives(self) -> np.ndarray:
+        """``find`` of every provisional vertex."""
+        roots = np.arange(self.num_vertices)
+        merged = np.fromiter(self.sets, np.int64, count=len(self.sets))
+        roots[merged] = [self.find(vertex) for vertex in merged.tolist()]
+        return roots
 
 
 class _LeafTracer(fx.Tracer):
@@ -438,7 +452,7 @@ class Tracer:
         """The value of one operation (a list of them for a tuple, None for no channels)."""
         if node.op == "placeholder":
             shape = self.shapes[node]
-            if "input" in self.plan.layers:
+            if self.plan.has_layer("input"):
                 self.unsupported(node, "a second input")
             if not isinstance(shape, tuple) or len(shape) < 2:
                 self.unsupported(node, f"an input of shape {shape} without a channel dimension")
@@ -718,7 +732,7 @@ class Tracer:
             and len(np.unique(vertices)) == len(vertices)
             and self.exclusive(x.root, node)
         ):
-            lookup = np.full(len(self.plan.layers), -1)
+            lookup = np.full(self.plan.num_vertices, -1)
             lookup[vertices] = term.index.ravel()
             x.producer.out_folds.append(replace(term, index=lookup[x.producer.outputs]))
             return replace(x)
