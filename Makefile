@@ -13,7 +13,7 @@ APT_PACKAGES := python3-graph-tool python3-venv chromium fonts-liberation
 PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-slow lint format bench population offgrid hard-population pruned-sweep predictor serve predict ui clean \
+.PHONY: setup run test test-slow lint format bench population offgrid hard-population hard-offgrid pruned-sweep predictor serve predict ui clean \
 	server-start server-stop server-status bench-scale
 
 setup: $(STAMP)
@@ -80,6 +80,10 @@ offgrid: setup
 # VGG with BatchNorm only, where the configuration does not decide the outcome (192 runs).
 hard-population: setup
 	$(PY) train.py -m +experiment=hard hydra/launcher=joblib hydra.launcher.n_jobs=2
+
+# The sweep off the hard population's grid that scores its predictor out of population (128 runs).
+hard-offgrid: setup
+	$(PY) train.py -m +experiment=hard_offgrid hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 predictor: setup
 	$(PY) -m mlflow_tg.predictor

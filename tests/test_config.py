@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
@@ -106,6 +107,28 @@ def test_tracking_graph_and_experiment_options_compose_to_what_they_promise():
         check_config(cfg)
     population = compose_config(["+experiment=population"])
     assert population.tracking.experiment == "population" and population.num_threads == 1
+
+
+def sweep_grid(experiment: str) -> dict[str, list[str]]:
+    """The values an experiment's sweep takes per key, what it inherits included."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", [f"+experiment={experiment}"], return_hydra_config=True)
+    return {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize(
+    ("population", "outside"), [("population", "offgrid"), ("hard", "hard_offgrid")]
+)
+def test_an_out_of_population_sweep_lies_off_its_population_grid(population, outside):
+    trained, scored = sweep_grid(population), sweep_grid(outside)
+    assert not set(scored["seed"]) & set(trained["seed"])  # seeds never used
+    for key in ("width", "optimizer.lr"):
+        grid, off = sorted(map(float, trained[key])), sorted(map(float, scored[key]))
+        assert not set(off) & set(grid), key  # every value off the grid
+        assert off[0] < grid[0] or off[-1] > grid[-1], key  # some outside its range
+        assert any(grid[0] < value < grid[-1] for value in off), key  # some between its points
+    for key in ("model", "optimizer"):  # the same families: off the grid, not unseen kinds
+        assert set(scored.get(key, ["?"])) <= set(trained.get(key, ["?"])), key
 
 
 def test_every_group_option_is_typed_by_a_schema():
