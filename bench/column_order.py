@@ -1,0 +1,84 @@
+"""How much of a gain is the columns' order: each fit repeated with the columns shuffled.
+
+    python bench/column_order.py [--tracking-uri sqlite:///mlflow.db] [--experiment hard]
+        [--outside hard-offgrid] [--orders 5] [--k 3]
+
+CatBoost's recursive feature elimination keeps different columns when the same columns come in
+another order, so one fit's τ, and one fit's graph gain, carry that chance with them. For
+curve+hparams and graph+curve+hparams, each is fitted ``--orders`` times, in the table's order
+and then in shuffled orders: on the narrow half of the widths, scoring the wide half
+(``transfer``), and on the whole population, scoring the ``--outside`` sweep (``outside``).
+Prints Kendall τ of each fit, of the mean of the fits' predictions, and the graph's gain with
+the mean predictions, with its 95% bootstrap interval over configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+import numpy as np
+import polars as pl
+from mlflow import MlflowClient
+from predictor_quality import graph_gain
+from scipy import stats
+
+from mlflow_tg.config import compose_config
+from mlflow_tg.keys import TARGET
+from mlflow_tg.predictor.dataset import Dataset, build_dataset
+from mlflow_tg.predictor.evaluate import narrow_half
+from mlflow_tg.predictor.features import columns_of
+from mlflow_tg.predictor.fit import fit_and_score
+from mlflow_tg.tracking.runs import load_runs
+
+SETS = ("curve+hparams", "graph+curve+hparams")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
+    parser.add_argument("--experiment", default="hard")
+    parser.add_argument("--outside", default="hard-offgrid")
+    parser.add_argument("--orders", type=int, default=5)
+    parser.add_argument("--k", type=int, default=3)
+    args = parser.parse_args()
+    cfg = compose_config([], name="predictor")
+    mlflow.set_tracking_uri(args.tracking_uri)
+    client, sets = MlflowClient(), "graph+curve+hparams"
+    population = build_dataset(load_runs(client, args.experiment), args.k, sets)
+    outside = build_dataset(load_runs(client, args.outside), args.k, sets)
+    both = Dataset(pl.concat([population.frame, outside.frame], how="diagonal_relaxed"))
+    away = np.arange(both.frame.height) >= population.frame.height
+    narrow = narrow_half(list(population.column("run_width")))
+    protocols = {  # name: (dataset, rows fitted on, rows scored)
+        "transfer": (population, narrow, ~narrow),
+        "outside": (both, ~away, away),
+    }
+    print(f"{args.experiment!r}: {population.frame.height} runs, {args.outside!r}: "
+          f"{outside.frame.height} runs, k = {args.k}, {args.orders} column orders")  # fmt: skip
+    rng = np.random.default_rng(0)
+    mean = {}
+    for name in SETS:
+        in_table_order = columns_of(population.feature_columns, name)
+        orders = [in_table_order] + [
+            list(rng.permutation(in_table_order)) for _ in range(args.orders - 1)
+        ]
+        for protocol, (dataset, fitted, scored) in protocols.items():
+            actual = dataset.column(TARGET, scored)
+            runs = [fit_and_score(dataset, columns, fitted, cfg)[1] for columns in orders]
+            mean[name, protocol] = np.mean(runs, axis=0)
+            taus = [stats.kendalltau(actual, predicted).statistic for predicted in runs]
+            together = stats.kendalltau(actual, mean[name, protocol]).statistic
+            print(f"{name:<22}{protocol:<10}tau per order " + " ".join(f"{t:.3f}" for t in taus)
+                  + f"  mean of the predictions {together:.3f}", flush=True)  # fmt: skip
+    for protocol, (dataset, _, scored) in protocols.items():
+        groups = np.asarray(dataset.groups)[scored]
+        gain = graph_gain(
+            dataset.column(TARGET, scored), groups, mean[SETS[1], protocol], mean[SETS[0], protocol]
+        )
+        print(f"graph gain, {protocol}, mean predictions: {gain['gain']:+.3f} "
+              f"[{gain['low']:+.3f}, {gain['high']:+.3f}]")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
