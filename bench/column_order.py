@@ -1,15 +1,16 @@
 """How much of a gain is the columns' order: each fit repeated with the columns shuffled.
 
     python bench/column_order.py [--tracking-uri sqlite:///mlflow.db] [--experiment hard]
-        [--outside hard-offgrid] [--orders 5] [--k 3]
+        [--outside hard-offgrid] [--orders 5] [--k 3] [--protocols transfer outside cv]
 
 CatBoost's recursive feature elimination keeps different columns when the same columns come in
 another order, so one fit's τ, and one fit's graph gain, carry that chance with them. For
 curve+hparams and graph+curve+hparams, each is fitted ``--orders`` times, in the table's order
 and then in shuffled orders: on the narrow half of the widths, scoring the wide half
-(``transfer``), and on the whole population, scoring the ``--outside`` sweep (``outside``).
-Prints Kendall τ of each fit, of the mean of the fits' predictions, and the graph's gain with
-the mean predictions, with its 95% bootstrap interval over configurations.
+(``transfer``), on the whole population, scoring the ``--outside`` sweep (``outside``), and out
+of fold in 5 folds grouped by configuration (``cv``). Prints Kendall τ of each fit, of the mean
+of the fits' predictions, and the graph's gain with the mean predictions, with its 95%
+bootstrap interval over configurations.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import mlflow
 import numpy as np
 import polars as pl
 from mlflow import MlflowClient
-from predictor_quality import graph_gain
+from predictor_quality import graph_gain, out_of_fold
 from scipy import stats
 
 from mlflow_tg.config import compose_config
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--outside", default="hard-offgrid")
     parser.add_argument("--orders", type=int, default=5)
     parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--protocols", nargs="+", default=["transfer", "outside"],
+                        choices=["transfer", "outside", "cv"])  # fmt: skip
     args = parser.parse_args()
     cfg = compose_config([], name="predictor")
     mlflow.set_tracking_uri(args.tracking_uri)
@@ -50,10 +53,13 @@ def main() -> None:
     both = Dataset(pl.concat([population.frame, outside.frame], how="diagonal_relaxed"))
     away = np.arange(both.frame.height) >= population.frame.height
     narrow = narrow_half(list(population.column("run_width")))
-    protocols = {  # name: (dataset, rows fitted on, rows scored)
+    every = np.ones(population.frame.height, dtype=bool)
+    protocols = {  # name: (dataset, rows fitted on, rows scored); cv: out of fold
         "transfer": (population, narrow, ~narrow),
         "outside": (both, ~away, away),
+        "cv": (population, every, every),
     }
+    protocols = {name: protocols[name] for name in args.protocols}
     print(f"{args.experiment!r}: {population.frame.height} runs, {args.outside!r}: "
           f"{outside.frame.height} runs, k = {args.k}, {args.orders} column orders")  # fmt: skip
     rng = np.random.default_rng(0)
@@ -65,7 +71,12 @@ def main() -> None:
         ]
         for protocol, (dataset, fitted, scored) in protocols.items():
             actual = dataset.column(TARGET, scored)
-            runs = [fit_and_score(dataset, columns, fitted, cfg)[1] for columns in orders]
+            runs = [
+                out_of_fold(dataset, columns, 5, cfg)
+                if protocol == "cv"
+                else fit_and_score(dataset, columns, fitted, cfg)[1]
+                for columns in orders
+            ]
             mean[name, protocol] = np.mean(runs, axis=0)
             taus = [stats.kendalltau(actual, predicted).statistic for predicted in runs]
             together = stats.kendalltau(actual, mean[name, protocol]).statistic
