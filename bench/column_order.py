@@ -19,14 +19,13 @@ import argparse
 
 import mlflow
 import numpy as np
-import polars as pl
 from mlflow import MlflowClient
-from predictor_quality import graph_gain, out_of_fold
+from predictor_quality import graph_gain, out_of_fold, with_outside
 from scipy import stats
 
 from mlflow_tg.config import compose_config
 from mlflow_tg.keys import TARGET
-from mlflow_tg.predictor.dataset import Dataset, build_dataset
+from mlflow_tg.predictor.dataset import build_dataset
 from mlflow_tg.predictor.evaluate import narrow_half
 from mlflow_tg.predictor.features import columns_of
 from mlflow_tg.predictor.fit import fit_and_score
@@ -47,11 +46,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = compose_config([], name="predictor")
     mlflow.set_tracking_uri(args.tracking_uri)
-    client, sets = MlflowClient(), "graph+curve+hparams"
-    population = build_dataset(load_runs(client, args.experiment), args.k, sets)
-    outside = build_dataset(load_runs(client, args.outside), args.k, sets)
-    both = Dataset(pl.concat([population.frame, outside.frame], how="diagonal_relaxed"))
-    away = np.arange(both.frame.height) >= population.frame.height
+    client = MlflowClient()
+    population = build_dataset(load_runs(client, args.experiment), args.k, "graph+curve+hparams")
+    read_outside = "outside" in args.protocols  # CV and transfer read the population only
+    both, away = with_outside(
+        population, load_runs(client, args.outside) if read_outside else [], args.k
+    )
     narrow = narrow_half(list(population.column("run_width")))
     every = np.ones(population.frame.height, dtype=bool)
     protocols = {  # name: (dataset, rows fitted on, rows scored); cv: out of fold
@@ -61,7 +61,7 @@ def main() -> None:
     }
     protocols = {name: protocols[name] for name in args.protocols}
     print(f"{args.experiment!r}: {population.frame.height} runs, {args.outside!r}: "
-          f"{outside.frame.height} runs, k = {args.k}, {args.orders} column orders")  # fmt: skip
+          f"{away.sum()} runs, k = {args.k}, {args.orders} column orders")  # fmt: skip
     rng = np.random.default_rng(0)
     mean = {}
     for name in SETS:
