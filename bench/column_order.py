@@ -34,17 +34,23 @@ from mlflow_tg.tracking.runs import load_runs
 SETS = ("curve+hparams", "graph+curve+hparams")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(description: str, protocols: list[str]) -> argparse.ArgumentParser:
+    """The store, the two sweeps, k and the protocols to score (``protocols`` by default)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
     parser.add_argument("--experiment", default="hard")
     parser.add_argument("--outside", default="hard-offgrid")
-    parser.add_argument("--orders", type=int, default=5)
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--protocols", nargs="+", default=["transfer", "outside"],
+    parser.add_argument("--protocols", nargs="+", default=protocols,
                         choices=["transfer", "outside", "cv"])  # fmt: skip
-    args = parser.parse_args()
-    cfg = compose_config([], name="predictor")
+    return parser
+
+
+def read_protocols(args: argparse.Namespace):
+    """The population's dataset, and each protocol's (dataset, rows fitted on, rows scored).
+
+    ``cv`` fits out of fold: every row is fitted on and scored.
+    """
     mlflow.set_tracking_uri(args.tracking_uri)
     client = MlflowClient()
     population = build_dataset(load_runs(client, args.experiment), args.k, "graph+curve+hparams")
@@ -54,14 +60,23 @@ def main() -> None:
     )
     narrow = narrow_half(list(population.column("run_width")))
     every = np.ones(population.frame.height, dtype=bool)
-    protocols = {  # name: (dataset, rows fitted on, rows scored); cv: out of fold
+    protocols = {
         "transfer": (population, narrow, ~narrow),
         "outside": (both, ~away, away),
         "cv": (population, every, every),
     }
-    protocols = {name: protocols[name] for name in args.protocols}
     print(f"{args.experiment!r}: {population.frame.height} runs, {args.outside!r}: "
-          f"{away.sum()} runs, k = {args.k}, {args.orders} column orders")  # fmt: skip
+          f"{away.sum()} runs, k = {args.k}")  # fmt: skip
+    return population, {name: protocols[name] for name in args.protocols}
+
+
+def main() -> None:
+    parser = options(__doc__.splitlines()[0], ["transfer", "outside"])
+    parser.add_argument("--orders", type=int, default=5)
+    args = parser.parse_args()
+    cfg = compose_config(["ensemble=1"], name="predictor")
+    population, protocols = read_protocols(args)
+    print(f"{args.orders} column orders, one fit each")
     rng = np.random.default_rng(0)
     mean = {}
     for name in SETS:

@@ -1,7 +1,9 @@
 """Which graph summaries earn their place: each family added to curve+hparams, per protocol.
 
-    python bench/graph_features.py [--tracking-uri sqlite:///mlflow.db] [--experiment hard]
-        [--k 3] [--folds 5] [--families levels shape ...]
+    python bench/graph_features.py [OVERRIDES] [--tracking-uri sqlite:///mlflow.db]
+        [--experiment hard] [--k 3] [--folds 5] [--families levels shape ...]
+
+OVERRIDES: ``conf/predictor.yaml`` settings, such as ``ensemble=1`` (one fit, not the average).
 
 The graph's summaries are grouped into families by what they measure (``FAMILIES``). Each
 family is added to the curve and configuration features, and the model is scored three ways,
@@ -85,8 +87,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--families", nargs="*", default=[*FAMILIES, "scale-free"])
+    parser.add_argument("overrides", nargs="*", help="conf/predictor.yaml overrides: ensemble=1")
     args = parser.parse_args()
-    cfg = compose_config([], name="predictor")
+    cfg = compose_config(args.overrides, name="predictor")
     mlflow.set_tracking_uri(args.tracking_uri)
     records = load_runs(MlflowClient(), args.experiment)
     dataset = build_dataset(records, args.k, "graph+curve+hparams")

@@ -1,11 +1,13 @@
 """The registered champion on runs it never saw: held out of its population, and off its grid.
 
     python bench/out_of_population.py [--tracking-uri sqlite:///mlflow.db] [--outside offgrid]
+        [--population population] [--model NAME] [--alias champion | --version N]
 
-Scores, with the champion as it is registered (its own windows, interval and distribution
-check), two sets of runs: the population's runs held out of its fit (the version's recorded
-split: configurations it never saw) and a sweep off the population's grid (``make offgrid``:
-seeds, widths and learning rates never used, some outside the population's range). For each
+Scores, with the champion (or the version asked for) as it is registered (its own windows,
+interval and distribution check), two sets of runs: the population's runs held out of its fit
+(the version's recorded split: configurations it never saw) and a sweep off the population's
+grid (``make offgrid``: seeds, widths and learning rates never used, some outside the
+population's range). For each
 it prints Kendall τ, Spearman ρ and MAE of the prediction at the version's k, the coverage of
 its 80% interval, the share of runs flagged out of distribution (and τ among the flagged and
 the unflagged runs: what the flag tells a user), and the two rankings every
@@ -78,11 +80,16 @@ def main() -> None:
     parser.add_argument("--outside", default="offgrid")
     parser.add_argument("--model", default=keys.REGISTERED_MODEL)
     parser.add_argument("--alias", default=keys.CHAMPION)
+    parser.add_argument("--version", help="a version number, in place of --alias")
     args = parser.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri)
     logging.getLogger("mlflow.models.utils").setLevel(logging.ERROR)  # extra history columns
     client = MlflowClient()
-    version = client.get_model_version_by_alias(args.model, args.alias)
+    version = (
+        client.get_model_version(args.model, args.version)
+        if args.version
+        else client.get_model_version_by_alias(args.model, args.alias)
+    )
     spec = FeatureSpec.of_version(version)
     model = mlflow.pyfunc.load_model(f"models:/{args.model}/{version.version}")
     population = usable(load_runs(client, args.population), spec.k)

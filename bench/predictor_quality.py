@@ -1,8 +1,10 @@
 """Predictor quality on a population, next to its baselines, and the serving latency.
 
-    python bench/predictor_quality.py [--tracking-uri sqlite:///mlflow.db]
+    python bench/predictor_quality.py [OVERRIDES] [--tracking-uri sqlite:///mlflow.db]
         [--experiment population] [--outside offgrid] [--ks 1 2 3 5] [--folds 5]
         [--sets graph curve+hparams ...] [--requests 200]
+
+OVERRIDES: ``conf/predictor.yaml`` settings, such as ``ensemble=1`` (one fit, not the average).
 
 Reads the finished runs of the population (``python train.py -m +experiment=population``, made
 once, then reused). For each k and each feature set: out-of-fold predictions from grouped
@@ -283,10 +285,13 @@ def print_protocols(result: dict) -> None:
 
 
 def save_combined_model(records, cfg, folder: Path) -> tuple[str, dict]:
-    """The k=3 graph+curve+hparams model saved as an MLflow model, and one row of its input."""
+    """One fit of the k=3 graph+curve+hparams model as an MLflow model, and one row of its input.
+
+    MLflow's catboost flavour saves one CatBoost model: the ensemble's first fit.
+    """
     dataset = build_dataset(records, 3, "graph+curve+hparams")
     columns = columns_of(dataset.feature_columns, "graph+curve+hparams")
-    model = fit(dataset.matrix(columns), dataset.column(TARGET), cfg)
+    model = fit(dataset.matrix(columns), dataset.column(TARGET), cfg).members[0]
     x = dataset.matrix(model.feature_names_)
     path = folder / "model"
     mlflow.catboost.save_model(
@@ -340,8 +345,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--sets", nargs="*", default=SETS, help="feature sets to score")
     parser.add_argument("--requests", type=int, default=200, help="0: no latency")
+    parser.add_argument("overrides", nargs="*", help="conf/predictor.yaml overrides: ensemble=1")
     args = parser.parse_args()
-    cfg = compose_config([], name="predictor")
+    cfg = compose_config(args.overrides, name="predictor")
     mlflow.set_tracking_uri(args.tracking_uri)
     start = time.perf_counter()
     records = load_runs(MlflowClient(), args.experiment)

@@ -88,7 +88,7 @@ def intervals(cfg, data, held: np.ndarray, sets: str) -> dict[str, tuple[np.ndar
     found["virtual_ensembles"] = (gaussian(mean, knowledge + noise), time.perf_counter() - start)
     start = time.perf_counter()
     groups = [g for g, out in zip(data.groups, held, strict=True) if not out]
-    widen = widening(x, y, groups, cfg, high_q - low_q)
+    widen = widening(chosen, x, y, groups, cfg, high_q - low_q)
     calibrated = to_interval(chosen.predict(test), widen)
     found["multiquantile_conformal"] = (calibrated, time.perf_counter() - start)
     return found

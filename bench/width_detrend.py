@@ -1,7 +1,9 @@
 """Width transfer with each summary's power law in width divided out (tried, and rejected).
 
-    python bench/width_detrend.py [--tracking-uri sqlite:///mlflow.db] [--experiment population]
-        [--k 3]
+    python bench/width_detrend.py [OVERRIDES] [--tracking-uri sqlite:///mlflow.db]
+        [--experiment population] [--k 3]
+
+OVERRIDES: ``conf/predictor.yaml`` settings, such as ``ensemble=1`` (one fit, not the average).
 
 A summary whose level grows like ``width^α`` tells a tree fitted on narrow networks nothing it
 can use on wide ones. Here each column's α is fitted on the narrow half of the widths only: the
@@ -65,8 +67,9 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
     parser.add_argument("--experiment", default="population")
     parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="conf/predictor.yaml overrides: ensemble=1")
     args = parser.parse_args()
-    cfg = compose_config([], name="predictor")
+    cfg = compose_config(args.overrides, name="predictor")
     mlflow.set_tracking_uri(args.tracking_uri)
     dataset = build_dataset(
         load_runs(MlflowClient(), args.experiment), args.k, "graph+curve+hparams"

@@ -129,7 +129,7 @@ def store_job(store: dict[str, str], experiment: str, *overrides: str) -> DictCo
 
 
 def predictor_config(store: dict[str, str], *overrides: str) -> DictConfig:
-    """The real predictor config, shrunk: k=2 (windows 1..3), a small CatBoost, the store.
+    """The real predictor config, shrunk: k=2 (windows 1..3), two small CatBoost fits, the store.
 
     The registered set is fixed (not ``auto``), so that tests know which metrics it reads.
     """
@@ -140,6 +140,7 @@ def predictor_config(store: dict[str, str], *overrides: str) -> DictConfig:
             "ks=[1,2,3]",
             "catboost.iterations=60",
             "catboost.thread_count=1",
+            "ensemble=2",
             "holdout_fraction=0.4",
             f"tracking.uri={store['uri']}",
             f"tracking.artifact_root={store['artifacts']}",

@@ -256,22 +256,24 @@ def test_the_pickled_model_leaves_its_catboost_models_to_the_artifacts():
 def test_a_versions_answerer_loads_without_mlflow_and_answers_as_the_model(tmp_path):
     from omegaconf import OmegaConf
 
-    from mlflow_tg.predictor.fit import catboost
+    from mlflow_tg.predictor.fit import ensemble
 
-    cfg = OmegaConf.create(
-        {"seed": 0, "catboost": {"iterations": 20, "depth": 2, "learning_rate": 0.3,
-                                 "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9",
-                                 "thread_count": 1}}
-    )  # fmt: skip
     hparams = pd.DataFrame([hparam_features(p) for _, p in TRAINING])
     windows, models = [], {}
     for k, columns in COLUMNS.items():
+        cfg = OmegaConf.create(
+            {"seed": 0, "ensemble": 3 if k == 1 else 1,  # one fit: the layout of older versions
+             "catboost": {"iterations": 20, "depth": 2, "learning_rate": 0.3,
+                          "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9", "thread_count": 1}}
+        )  # fmt: skip
         rows = [run_features(h, p, k, "graph+curve+hparams") for h, p in TRAINING]
         matrix = design_matrix(pl.DataFrame(rows), columns)
-        models[k] = catboost(matrix, np.linspace(0.1, 0.9, len(TRAINING)), cfg)
+        models[k] = ensemble(matrix, np.linspace(0.1, 0.9, len(TRAINING)), cfg)
         windows.append(fitted_window(k, models[k], matrix, hparams))
     model = RunPredictor(windows, (0.1, 0.5, 0.9), models)
     artifacts = model.save_models(tmp_path)
+    assert sorted(artifacts) == ["answerer", "catboost_k1", "catboost_k1_1", "catboost_k1_2",
+                                 "catboost_k2"]  # fmt: skip
     runs = [(history(4, 0.45), params(width="3"), "four"), (history(1), params(), "one")]
     frame = pd.concat([model_input(*run) for run in runs], ignore_index=True)
     frame.to_pickle(tmp_path / "request.pkl")
@@ -331,10 +333,10 @@ def test_calibration_brings_new_samples_into_the_interval_at_the_nominal_rate():
     from omegaconf import OmegaConf
 
     from mlflow_tg.predictor.calibrate import widening
-    from mlflow_tg.predictor.fit import catboost
+    from mlflow_tg.predictor.fit import ensemble
 
     cfg = OmegaConf.create(
-        {"seed": 0, "catboost": {"iterations": 60, "depth": 4, "learning_rate": 0.1,
+        {"seed": 0, "ensemble": 2, "catboost": {"iterations": 60, "depth": 4, "learning_rate": 0.1,
                                  "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9",
                                  "thread_count": 1}}
     )  # fmt: skip
@@ -345,9 +347,10 @@ def test_calibration_brings_new_samples_into_the_interval_at_the_nominal_rate():
         return x, 0.3 + 0.4 * x["a"].to_numpy() + rng.normal(0, 0.08, n)
 
     x, y = sample(150)
-    widen = widening(x, y, [f"config-{i}" for i in range(150)], cfg, 0.8)
+    model = ensemble(x, y, cfg)
+    widen = widening(model, x, y, [f"config-{i}" for i in range(150)], cfg, 0.8)
     fresh_x, fresh_y = sample(1000)
-    raw = catboost(x, y, cfg).predict(fresh_x)
+    raw = model.predict(fresh_x)
 
     def coverage(extra: float) -> float:
         low, _, high = to_interval(raw, extra).T

@@ -72,7 +72,7 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     assert champion["registration_s"] < 30
     run = client.get_run(champion["run_id"])
     assert run.data.params["runs"] == "24" and run.data.tags["mlflow_tg.alias"] == CHAMPION
-    assert run.data.params["seed"] == "0"
+    assert run.data.params["seed"] == "0" and run.data.params["ensemble"] == "2"
     for key in (
         "holdout/graph_curve_hparams/all/kendall_tau",
         "holdout/graph/nontrivial/r2",
@@ -99,6 +99,7 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     assert specs["run_id"].required and specs["epoch"].required
     predictor = registered(population, champion["version"])
     assert predictor.ks == [1, 2, 3]
+    assert [len(predictor._models[k].members) for k in (1, 2, 3)] == [2, 2, 2]  # conftest's
     kept = predictor_config(population).max_features  # plus, at most, one per set dropped
     assert all(kept <= len(window.columns) <= kept + 2 for window in predictor.windows.values())
     metrics = {metric for window in predictor.windows.values() for metric in window.metrics}
@@ -201,6 +202,7 @@ def test_a_better_model_takes_the_champion_alias(population):
         ("selection_metric=accuracy", "selection_metric='accuracy'"),
         ("select_on=transfer", "select_on='transfer'"),
         ("max_features=-5", "max_features=-5"),
+        ("ensemble=0", "ensemble=0"),
         ("ks=[1,3]", "is not allowed with k=2: ks lists"),
         ("catboost.loss_function=RMSE", "catboost.loss_function='RMSE'"),
         ("compare_sets=[]", "compare_sets=[] is not allowed"),

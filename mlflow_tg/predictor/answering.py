@@ -15,9 +15,10 @@ interval ``predicted_test_acc_low`` / ``predicted_test_acc_high`` (clipped to [0
 so low ≤ point ≤ high), ``out_of_distribution`` (bool) and ``ood_reasons`` (``"; "``-joined,
 empty when none).
 
-**Uncertainty**: one CatBoost ``MultiQuantile:alpha=0.1,0.5,0.9`` model per window; the point
-is the median, the interval the outer quantiles widened by a calibration on the training runs
-(conformalized quantile regression, ``calibrate.py``). Measured by
+**Uncertainty**: one CatBoost ``MultiQuantile:alpha=0.1,0.5,0.9`` ensemble per window (fits
+averaged quantile by quantile, ``ensemble.py``); the point is the median, the interval the
+outer quantiles widened by a calibration on the training runs (conformalized quantile
+regression, ``calibrate.py``). Measured by
 ``bench/predictor_uncertainty.py`` on 337 runs of the population (k=3, 600 trees, 32 columns,
 3 held-out quarters of the configurations; coverage of the 80% interval / mean width / Kendall τ
 of the point): MultiQuantile 0.44 / 0.037 / 0.831; ``RMSEWithUncertainty`` (mean ± 1.28 σ)
@@ -65,6 +66,7 @@ import pandas as pd
 
 from mlflow_tg import keys
 from mlflow_tg.errors import Refusal
+from mlflow_tg.predictor.ensemble import Ensemble
 from mlflow_tg.predictor.features import (
     CATEGORICAL_HPARAMS,
     MISSING_CATEGORY,
@@ -90,7 +92,7 @@ OUTPUT_COLUMNS = {
     keys.ANSWER_OOD: "boolean",
     keys.ANSWER_OOD_REASONS: "string",
 }
-ANSWERER = "answerer"  # the artifact of a version's answerer, beside catboost_k{k}
+ANSWERER = "answerer"  # the artifact of a version's answerer, beside its catboost_k{k}*
 
 
 def quantiles_of(loss_function: str) -> tuple[float, float, float]:
@@ -260,7 +262,7 @@ class Window:
     """The model of one window k: its columns, what it reads of a run, its training runs."""
 
     k: int
-    columns: list[str]  # the CatBoost model's, in its order
+    columns: list[str]  # the CatBoost ensemble's, in its order
     reference: Reference
     widen: float = 0.0  # each end of the interval moves out by this much (calibrate.py)
     metrics: dict[str, list[int]] = field(init=False)  # metric → the epochs it reads
@@ -323,7 +325,7 @@ def present(value: Any) -> bool:
 
 
 class RunAnswerer:
-    """Final test accuracy of runs from their first epochs: one CatBoost model per window."""
+    """Final test accuracy of runs from their first epochs: one CatBoost ensemble per window."""
 
     def __init__(
         self,
@@ -365,12 +367,12 @@ class RunAnswerer:
     def save_models(self, folder: Path) -> dict[str, str]:
         """Write the artifacts to log under ``folder``; their paths by name.
 
-        Each window's CatBoost model, and this answerer as a plain ``RunAnswerer``, which
-        unpickles without MLflow.
+        Each window's ensemble (``catboost_k{k}``, ``catboost_k{k}_1``, … one file per fit), and
+        this answerer as a plain ``RunAnswerer``, which unpickles without MLflow.
         """
-        paths = {f"catboost_k{k}": str(folder / f"catboost_k{k}.cbm") for k in self.windows}
+        paths = {}
         for k, model in self._models.items():
-            model.save_model(paths[f"catboost_k{k}"])
+            paths |= model.save(folder, f"catboost_k{k}")
         plain = RunAnswerer.__new__(RunAnswerer)
         plain.__dict__.update(self.__getstate__())
         paths[ANSWERER] = str(folder / f"{ANSWERER}.pkl")
@@ -378,12 +380,12 @@ class RunAnswerer:
         return paths
 
     def load_models(self, artifacts: Mapping[str, str]) -> None:
-        """Load each window's CatBoost model from the logged artifacts (name → local path)."""
-        from catboost import CatBoostRegressor  # only where a model is loaded, not for clients
+        """Load each window's ensemble from the logged artifacts (name → local path).
 
-        self._models = {
-            k: CatBoostRegressor().load_model(artifacts[f"catboost_k{k}"]) for k in self.windows
-        }
+        A version logged before the predictor averaged fits has one model per window, which
+        loads as an ensemble of one.
+        """
+        self._models = {k: Ensemble.load(artifacts, f"catboost_k{k}") for k in self.windows}
 
     @staticmethod
     def load(artifacts: Mapping[str, str]) -> RunAnswerer:
@@ -536,7 +538,7 @@ def fitted_window(
     widen: float = 0.0,
     groups: Sequence[str] | None = None,
 ) -> Window:
-    """The window of a CatBoost model, from its training runs' rows and hparams features.
+    """The window of a CatBoost ensemble, from its training runs' rows and hparams features.
 
     ``matrix`` holds the training rows (any columns, the model's among them), ``hparams`` the
     same runs' ``hparam_features`` and ``groups`` their configurations, in the same order;

@@ -18,20 +18,27 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from mlflow_tg.predictor.answering import to_interval
+from mlflow_tg.predictor.ensemble import Ensemble
 from mlflow_tg.predictor.evaluate import group_position
-from mlflow_tg.predictor.fit import catboost
+from mlflow_tg.predictor.fit import refit
 
 FOLDS = 5
 
 
 def widening(
-    x: pd.DataFrame, y: np.ndarray, groups: list[str], cfg: DictConfig, nominal: float
+    model: Ensemble,
+    x: pd.DataFrame,
+    y: np.ndarray,
+    groups: list[str],
+    cfg: DictConfig,
+    nominal: float,
 ) -> float:
-    """How far to move each end of the interval out so that ``nominal`` of new runs fall in.
+    """How far to move each end of ``model``'s interval out for ``nominal`` of new runs to fall in.
 
     The training runs are split into folds by configuration (seed-twins together); each fold is
-    predicted by a model of the others, and the conformity score of a run is how far its final
-    accuracy lies outside its interval (negative inside). The widening is the
+    predicted by ``model`` refitted on the others (its columns, orders and seeds), and the
+    conformity score of a run is how far its final accuracy lies outside its interval (negative
+    inside). The widening is the
     ⌈(n + 1)·nominal⌉-th smallest score: with exchangeable runs, a new run's accuracy falls in
     the widened interval with probability ≥ nominal.
     """
@@ -41,8 +48,7 @@ def widening(
         held = fold == f
         if held.all():  # one configuration only: nothing to fit on
             continue
-        model = catboost(x[~held], y[~held], cfg)
-        low, _, high = to_interval(model.predict(x[held])).T
+        low, _, high = to_interval(refit(model, x[~held], y[~held], cfg).predict(x[held])).T
         scores.extend(np.maximum(low - y[held], y[held] - high))
     if not scores:
         return 0.0

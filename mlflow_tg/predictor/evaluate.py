@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from catboost import CatBoostRegressor
 from omegaconf import DictConfig
 from scipy import stats
 from sklearn.metrics import mean_absolute_error, r2_score
 
 from mlflow_tg.predictor.dataset import Dataset
+from mlflow_tg.predictor.ensemble import Ensemble
 from mlflow_tg.predictor.features import columns_of
 from mlflow_tg.predictor.fit import fit_and_score
 from mlflow_tg.tracking.runs import TARGET
@@ -112,13 +112,13 @@ class Comparison:
     """Quality of each feature set (and the baselines), and the registered set's held-out fit."""
 
     quality: dict[str, dict[str, dict[str, dict[str, float]]]]  # set → split → subset → scores
-    fits: dict[str, tuple[CatBoostRegressor, np.ndarray]]  # set → model, held-out predictions
+    fits: dict[str, tuple[Ensemble, np.ndarray]]  # set → model, held-out predictions
     registered: str  # the set the registered version uses
     choice: str  # why: asked for, or the held-out evidence that chose it
     transfer: str  # which widths the transfer split fits on and scores, or why there is none
 
     @property
-    def model(self) -> CatBoostRegressor:
+    def model(self) -> Ensemble:
         """The registered set's model, fitted without the held-out configurations."""
         return self.fits[self.registered][0]
 

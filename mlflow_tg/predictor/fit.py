@@ -1,4 +1,8 @@
-"""Fitting the predictor: CatBoost on the features, refitted on those CatBoost selects."""
+"""Fitting the predictor: CatBoost on the features, refitted on those CatBoost selects.
+
+The refit is an ensemble (``ensemble.py``): ``cfg.ensemble`` fits on the selected columns, each
+in its own order and with its own seed, averaged.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlflow_tg.predictor.answering import quantiles_of, to_interval
 from mlflow_tg.predictor.dataset import Dataset
+from mlflow_tg.predictor.ensemble import Ensemble
 from mlflow_tg.predictor.features import categorical_columns, set_of
 from mlflow_tg.tracking.runs import TARGET
 
@@ -20,24 +25,54 @@ log = logging.getLogger(__name__)
 
 
 def regressor(x: pd.DataFrame, cfg: DictConfig, **options: Any) -> CatBoostRegressor:
-    """An unfitted CatBoost regressor for ``x``; model, optimizer etc. as native categories."""
+    """An unfitted CatBoost regressor for ``x``; model, optimizer etc. as native categories.
+
+    Seeded with ``cfg.seed`` unless ``options`` give ``random_seed``.
+    """
     return CatBoostRegressor(
         **OmegaConf.to_container(cfg.catboost, resolve=True),
-        random_seed=cfg.seed,
+        **{"random_seed": cfg.seed} | options,
         cat_features=categorical_columns(x.columns),
         verbose=False,
         allow_writing_files=False,
-        **options,
     )
 
 
-def catboost(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
-    """A CatBoost regressor fitted on the features."""
-    return regressor(x, cfg).fit(x, y)
+def catboost(
+    x: pd.DataFrame, y: np.ndarray, cfg: DictConfig, seed: int | None = None
+) -> CatBoostRegressor:
+    """A CatBoost regressor fitted on the features (seeded with ``cfg.seed`` by default)."""
+    options = {} if seed is None else {"random_seed": seed}
+    return regressor(x, cfg, **options).fit(x, y)
 
 
-def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
-    """CatBoost on the ``max_features`` columns that CatBoost's ``select_features`` keeps.
+def ensemble(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> Ensemble:
+    """``cfg.ensemble`` fits on the columns of ``x``, averaged.
+
+    The first reads the columns in their order with seed ``cfg.seed``; fit i a fixed shuffle of
+    them with seed ``cfg.seed + i``: two chances that move one fit's ranking of new runs.
+    """
+    members = []
+    for i in range(cfg.get("ensemble", 1)):
+        order = list(x.columns)
+        if i:
+            order = list(np.random.default_rng(cfg.seed + i).permutation(order))
+        members.append(catboost(x[order], y, cfg, seed=cfg.seed + i))
+    return Ensemble(members)
+
+
+def refit(model: Ensemble, x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> Ensemble:
+    """``model``'s members fitted again on other rows: the same columns, orders and seeds."""
+    return Ensemble(
+        [
+            catboost(x[member.feature_names_], y, cfg, seed=member.get_params()["random_seed"])
+            for member in model.members
+        ]
+    )
+
+
+def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> Ensemble:
+    """An ensemble on the ``max_features`` columns that CatBoost's ``select_features`` keeps.
 
     Serving cost grows with the columns (MLflow's scoring server casts and checks each one;
     CatBoost converts each): one prediction through ``mlflow models serve`` took 128 ms with
@@ -54,7 +89,7 @@ def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
     fit of 8.5 and 22.7 s.
     """
     if not cfg.max_features or x.shape[1] <= cfg.max_features:
-        return catboost(x, y, cfg)
+        return ensemble(x, y, cfg)
     with tempfile.TemporaryDirectory() as scratch:  # it makes catboost_info/ folders regardless
         selection = regressor(x, cfg, train_dir=scratch).select_features(
             x,
@@ -68,7 +103,7 @@ def fit(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> CatBoostRegressor:
     kept = keep_every_set(
         list(x.columns), selection["selected_features"], selection["eliminated_features"]
     )
-    return catboost(x.iloc[:, kept], y, cfg)
+    return ensemble(x.iloc[:, kept], y, cfg)
 
 
 def keep_every_set(columns: list[str], selected: list[int], eliminated: list[int]) -> list[int]:
@@ -93,7 +128,7 @@ def keep_every_set(columns: list[str], selected: list[int], eliminated: list[int
     return sorted(kept)
 
 
-def predict(model: CatBoostRegressor, x: pd.DataFrame) -> np.ndarray:
+def predict(model: Ensemble, x: pd.DataFrame) -> np.ndarray:
     """Point predictions from the columns the model kept (CatBoost reads columns by position).
 
     A ``MultiQuantile`` model's point is its median (column of alpha 0.5); ``predict_interval``
@@ -105,14 +140,14 @@ def predict(model: CatBoostRegressor, x: pd.DataFrame) -> np.ndarray:
     return predicted[:, quantiles_of(model.get_params()["loss_function"]).index(0.5)]
 
 
-def predict_interval(model: CatBoostRegressor, x: pd.DataFrame, widen: float = 0.0) -> np.ndarray:
+def predict_interval(model: Ensemble, x: pd.DataFrame, widen: float = 0.0) -> np.ndarray:
     """A ``MultiQuantile`` model's (low, point, high) per row, as the registered model answers."""
     return to_interval(model.predict(x[model.feature_names_]), widen)
 
 
 def fit_and_score(
     dataset: Dataset, columns: list[str], train: np.ndarray, cfg: DictConfig
-) -> tuple[CatBoostRegressor, np.ndarray]:
+) -> tuple[Ensemble, np.ndarray]:
     """Fit on the ``train`` rows, predict the others."""
     model = fit(dataset.matrix(columns, train), dataset.column(TARGET, train), cfg)
     return model, predict(model, dataset.matrix(columns, ~train))

@@ -108,6 +108,11 @@ def check_predictor_config(cfg: DictConfig) -> None:
             f"max_features={cfg.max_features!r} is not allowed: it must be a whole number ≥ 1, "
             "or 0 to keep every feature."
         )
+    if not is_whole_number(cfg.ensemble) or cfg.ensemble < 1:
+        raise ConfigError(
+            f"ensemble={cfg.ensemble!r} is not allowed: it is the number of fits averaged, a "
+            "whole number ≥ 1 (1: a single fit)."
+        )
     if not 0 < cfg.holdout_fraction < 1:
         raise ConfigError(
             f"holdout_fraction={cfg.holdout_fraction!r} is not allowed: it must lie strictly "
@@ -213,7 +218,7 @@ def fit_windows(
         trained = pd.DataFrame([hparam_features(by_id[i].params) for i in data.run_ids(~held)])
         x = data.matrix(model.feature_names_, ~held)
         groups = [group for group, out in zip(data.groups, held, strict=True) if not out]
-        widen = widening(x, data.column(TARGET, ~held), groups, cfg, nominal)
+        widen = widening(model, x, data.column(TARGET, ~held), groups, cfg, nominal)
         windows.append(fitted_window(k, model, x, trained, widen, groups))
         models[k] = model
         low, point, high = predict_interval(model, data.matrix(model.feature_names_, held), widen).T
@@ -318,6 +323,7 @@ def predictor_params(cfg: DictConfig, dataset: Dataset, holdout: np.ndarray, wan
         "holdout_fraction": cfg.holdout_fraction,
         "selection_metric": cfg.selection_metric,
         "max_features": cfg.max_features,
+        "ensemble": cfg.ensemble,
         **{f"catboost.{key}": value for key, value in cfg.catboost.items()},
         **{f"left_out.{reason}": count for reason, count in dataset.left_out.items()},
     }
