@@ -1,6 +1,7 @@
 """What live prediction costs a training epoch: the hook's call, next to the epoch it follows.
 
     python bench/live_prediction.py [--tracking-uri sqlite:///mlflow.db] [--experiment offgrid]
+        [--model tg-performance-predictor] [--alias champion]
 
 Replays, for a few finished runs, the call ``predict=champion`` makes after each epoch (the
 run's history so far through ``model_input`` to the champion loaded in this process), times
@@ -40,13 +41,13 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--experiment", default="offgrid")
     parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--model", default=keys.REGISTERED_MODEL)
+    parser.add_argument("--alias", default=keys.CHAMPION)
     args = parser.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     records = [r for r in load_runs(MlflowClient(), args.experiment) if r.history][: args.runs]
-    cfg = OmegaConf.create(
-        {"model": keys.REGISTERED_MODEL, "alias": keys.CHAMPION, "endpoint": None}
-    )
+    cfg = OmegaConf.create({"model": args.model, "alias": args.alias, "endpoint": None})
     calls, epochs = [], []
     for record in records:
         hook = LivePrediction(cfg, record.params)

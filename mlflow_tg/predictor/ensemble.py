@@ -5,8 +5,9 @@ and the order of its columns. On the harder population (k = 3, graph+curve+hpara
 of the same selected columns, ``bench/ensemble.py``), Kendall τ on the out-of-population sweep
 ranged 0.716-0.766 from fit to fit and in width transfer 0.484-0.578. The mean of the fits'
 quantiles ranked better than their average fit under every protocol and set measured there
-(out of population 0.763 against 0.738, width transfer 0.566 against 0.537). Each fit took
-7 s there, after a column selection of 161 s that all fits share.
+(out of population 0.763 against 0.738, width transfer 0.566 against 0.537); on the 384-run
+population, in cross-validation and out of population but not in width transfer. Each fit
+took 7 s, after a column selection of 161 s that all fits share.
 
 Members are CatBoost regressors on the same columns, each in its own order and with its own
 seed; the ensemble reads the first member's column order, and its output is the mean of the
