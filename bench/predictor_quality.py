@@ -40,6 +40,7 @@ import polars as pl
 import requests
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
+from omegaconf import OmegaConf
 from scipy import stats
 from sklearn.model_selection import GroupKFold
 
@@ -287,11 +288,13 @@ def print_protocols(result: dict) -> None:
 def save_combined_model(records, cfg, folder: Path) -> tuple[str, dict]:
     """One fit of the k=3 graph+curve+hparams model as an MLflow model, and one row of its input.
 
-    MLflow's catboost flavour saves one CatBoost model: the ensemble's first fit.
+    MLflow's catboost flavour saves one CatBoost model: one fit (``ensemble=1``), the first fit
+    of the predictor's ensemble.
     """
     dataset = build_dataset(records, 3, "graph+curve+hparams")
     columns = columns_of(dataset.feature_columns, "graph+curve+hparams")
-    model = fit(dataset.matrix(columns), dataset.column(TARGET), cfg).members[0]
+    one_fit = OmegaConf.merge(cfg, {"ensemble": 1})
+    (model,) = fit(dataset.matrix(columns), dataset.column(TARGET), one_fit).members
     x = dataset.matrix(model.feature_names_)
     path = folder / "model"
     mlflow.catboost.save_model(

@@ -4,8 +4,9 @@
 
 Trailing arguments override ``conf/predictor.yaml``. For each of ``--seeds`` held-out splits
 (``holdout_fraction`` of the training configurations, as the predictor job holds out), the
-registered feature set is fitted the job's way (``fit``: column selection, then a refit with
-``catboost.loss_function``, MultiQuantile) and, on the columns it kept, by the alternatives:
+registered feature set is fitted the job's way (``fit``: column selection, then ``ensemble``
+refits with ``catboost.loss_function``, MultiQuantile, averaged) and, on the columns it kept, by
+the alternatives, each one fit (``ensemble=1`` sets the methods side by side, one fit each):
 
 - ``multiquantile``: CatBoost ``MultiQuantile:alpha=0.1,0.5,0.9``, interval = the outer quantiles;
 - ``rmse_uncertainty``: ``RMSEWithUncertainty``, mean ± 1.2816 σ (a Gaussian 80% interval);

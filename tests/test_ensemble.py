@@ -85,6 +85,8 @@ def test_saved_fits_load_as_the_same_ensemble_and_one_file_as_one_fit(tmp_path, 
     (path,) = single.save(tmp_path, "catboost_k1").values()  # a version with one model per window
     alone = Ensemble.load({"catboost_k1": path, "answerer": "elsewhere"}, "catboost_k1")
     np.testing.assert_allclose(alone.predict(x), single.members[0].predict(x))
+    with pytest.raises(KeyError, match="no artifact 'catboost_k3' among"):
+        Ensemble.load(paths, "catboost_k3")
 
 
 def test_fits_reading_other_columns_do_not_make_an_ensemble(table):

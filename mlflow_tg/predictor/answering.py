@@ -18,7 +18,7 @@ empty when none).
 **Uncertainty**: one CatBoost ``MultiQuantile:alpha=0.1,0.5,0.9`` ensemble per window (fits
 averaged quantile by quantile, ``ensemble.py``); the point is the median, the interval the
 outer quantiles widened by a calibration on the training runs (conformalized quantile
-regression, ``calibrate.py``). Measured by
+regression, ``calibrate.py``). Measured with one fit (``ensemble=1``) by
 ``bench/predictor_uncertainty.py`` on 337 runs of the population (k=3, 600 trees, 32 columns,
 3 held-out quarters of the configurations; coverage of the 80% interval / mean width / Kendall τ
 of the point): MultiQuantile 0.44 / 0.037 / 0.831; ``RMSEWithUncertainty`` (mean ± 1.28 σ)
@@ -45,7 +45,7 @@ too (``optimizer.momentum`` of Adam runs): that absence is a value the model lea
 gap. Nothing is filled in.
 
 ``model.py`` wraps ``RunAnswerer`` as the registered MLflow pyfunc model. Each version also
-carries its answerer without the wrapper (``answerer.pkl``, beside the CatBoost models), so that
+carries its answerer without the wrapper (``answerer.pkl``, beside the CatBoost files), so that
 ``mlflow-tg predict`` answers on a local store without importing MLflow, which alone takes
 longer than the whole command may.
 """

@@ -5,8 +5,9 @@ narrow for new runs: on 337 runs of the population (k=3, 600 trees, 3 held-out q
 configurations) the 0.1..0.9 interval held 45%, 36% and 51% of the held-out runs, 0.037 wide
 on average (``bench/predictor_uncertainty.py``). Widening both ends by the conformity quantile of
 out-of-fold predictions on the training runs (Romano, Patterson and Candès 2019) gave 86%, 80%
-and 88% (0.117 wide), without touching the point, at five more fits per window on the columns
-the model kept. The widening never narrows the quantiles.
+and 88% (0.117 wide), without touching the point, at five more fits of the model per window
+(each of its ``ensemble`` fits refitted in each fold) on the columns it kept. The widening
+never narrows the quantiles.
 """
 
 from __future__ import annotations

@@ -50,7 +50,10 @@ def ensemble(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> Ensemble:
     """``cfg.ensemble`` fits on the columns of ``x``, averaged.
 
     The first reads the columns in their order with seed ``cfg.seed``; fit i a fixed shuffle of
-    them with seed ``cfg.seed + i``: two chances that move one fit's ranking of new runs.
+    them with seed ``cfg.seed + i``: two chances that move one fit's ranking of new runs. So
+    the first fit is the single fit of ``ensemble=1``, and ensembles whose seeds differ by less
+    than ``ensemble`` share fits: to see how much the predictor moves with its seed, step the
+    seed by ``ensemble``.
     """
     members = []
     for i in range(cfg.get("ensemble", 1)):

@@ -32,7 +32,7 @@ class RunPredictor(RunAnswerer, PythonModel):
     """A ``RunAnswerer`` that MLflow logs, registers and serves."""
 
     def load_context(self, context) -> None:
-        """Load each window's CatBoost model from the logged artifacts."""
+        """Load each window's CatBoost fits from the logged artifacts."""
         self.load_models(context.artifacts)
 
     def signature(self) -> ModelSignature:
