@@ -38,12 +38,9 @@ def regressor(x: pd.DataFrame, cfg: DictConfig, **options: Any) -> CatBoostRegre
     )
 
 
-def catboost(
-    x: pd.DataFrame, y: np.ndarray, cfg: DictConfig, seed: int | None = None
-) -> CatBoostRegressor:
-    """A CatBoost regressor fitted on the features (seeded with ``cfg.seed`` by default)."""
-    options = {} if seed is None else {"random_seed": seed}
-    return regressor(x, cfg, **options).fit(x, y)
+def catboost(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig, seed: int) -> CatBoostRegressor:
+    """A CatBoost regressor with this seed, fitted on the features."""
+    return regressor(x, cfg, random_seed=seed).fit(x, y)
 
 
 def ensemble(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> Ensemble:
