@@ -13,7 +13,7 @@ APT_PACKAGES := python3-graph-tool python3-venv chromium fonts-liberation
 PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-slow lint format bench population offgrid hard-population hard-offgrid pruned-sweep predictor serve predict ui clean \
+.PHONY: setup run test test-slow lint format bench population offgrid hard-population hard-offgrid hard-offgrid2 pruned-sweep predictor serve predict ui clean \
 	server-start server-stop server-status bench-scale
 
 setup: $(STAMP)
@@ -84,6 +84,10 @@ hard-population: setup
 # The sweep off the hard population's grid that scores its predictor out of population (128 runs).
 hard-offgrid: setup
 	$(PY) train.py -m +experiment=hard_offgrid hydra/launcher=joblib hydra.launcher.n_jobs=2
+
+# A second, independent sweep off that grid (128 runs): no value shared with the first.
+hard-offgrid2: setup
+	$(PY) train.py -m +experiment=hard_offgrid2 hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 predictor: setup
 	$(PY) -m mlflow_tg.predictor

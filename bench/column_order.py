@@ -1,13 +1,14 @@
 """How much of a gain is the columns' order: each fit repeated with the columns shuffled.
 
     python bench/column_order.py [--tracking-uri sqlite:///mlflow.db] [--experiment hard]
-        [--outside hard-offgrid] [--orders 5] [--k 3] [--protocols transfer outside cv]
+        [--outside hard-offgrid [hard-offgrid2 ...]] [--orders 5] [--k 3]
+        [--protocols transfer outside cv]
 
 CatBoost's recursive feature elimination keeps different columns when the same columns come in
 another order, so one fit's τ, and one fit's graph gain, carry that chance with them. For
 curve+hparams and graph+curve+hparams, each is fitted ``--orders`` times, in the table's order
 and then in shuffled orders: on the narrow half of the widths, scoring the wide half
-(``transfer``), on the whole population, scoring the ``--outside`` sweep (``outside``), and out
+(``transfer``), on the whole population, scoring the ``--outside`` sweeps (``outside``), and out
 of fold in 5 folds grouped by configuration (``cv``). Prints Kendall τ of each fit, of the mean
 of the fits' predictions, and the graph's gain with the mean predictions, with its 95%
 bootstrap interval over configurations.
@@ -39,7 +40,8 @@ def options(description: str, protocols: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
     parser.add_argument("--experiment", default="hard")
-    parser.add_argument("--outside", default="hard-offgrid")
+    parser.add_argument("--outside", nargs="+", default=["hard-offgrid"],
+                        help="sweeps off the population's grid, scored together")  # fmt: skip
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--protocols", nargs="+", default=protocols,
                         choices=["transfer", "outside", "cv"])  # fmt: skip
@@ -55,9 +57,10 @@ def read_protocols(args: argparse.Namespace):
     client = MlflowClient()
     population = build_dataset(load_runs(client, args.experiment), args.k, "graph+curve+hparams")
     read_outside = "outside" in args.protocols  # CV and transfer read the population only
-    both, away = with_outside(
-        population, load_runs(client, args.outside) if read_outside else [], args.k
+    outside = (
+        [run for name in args.outside for run in load_runs(client, name)] if read_outside else []
     )
+    both, away = with_outside(population, outside, args.k)
     narrow = narrow_half(list(population.column("run_width")))
     every = np.ones(population.frame.height, dtype=bool)
     protocols = {
@@ -65,7 +68,7 @@ def read_protocols(args: argparse.Namespace):
         "outside": (both, ~away, away),
         "cv": (population, every, every),
     }
-    print(f"{args.experiment!r}: {population.frame.height} runs, {args.outside!r}: "
+    print(f"{args.experiment!r}: {population.frame.height} runs, {' + '.join(args.outside)}: "
           f"{away.sum()} runs, k = {args.k}")  # fmt: skip
     return population, {name: protocols[name] for name in args.protocols}
 

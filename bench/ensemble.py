@@ -1,13 +1,14 @@
 """What averaging fits buys: each fit of the predictor's ensemble scored alone, and the ensemble.
 
     python bench/ensemble.py [--tracking-uri sqlite:///mlflow.db] [--experiment hard]
-        [--outside hard-offgrid] [--k 3] [--protocols cv transfer outside] [--members 5]
+        [--outside hard-offgrid [hard-offgrid2 ...]] [--k 3] [--protocols cv transfer outside]
+        [--members 5]
 
 The predictor keeps the columns CatBoost's selection keeps, then fits them ``ensemble`` times,
 each fit in its own column order and with its own seed, and averages the fits (``ensemble.py``).
 For curve+hparams and graph+curve+hparams, under each protocol (out of fold in 5 folds grouped
 by configuration, ``cv``; fitted on the narrow half of the widths and scored on the wide half,
-``transfer``; fitted on the population and scored on the ``--outside`` sweep, ``outside``), it
+``transfer``; fitted on the population and scored on the ``--outside`` sweeps, ``outside``), it
 prints Kendall τ of each fit alone (the first is what a single fit gives: the table's column
 order and seed), their mean, and the ensemble's τ; then the graph's gain, τ of
 graph+curve+hparams minus curve+hparams, for the first fit and for the ensemble, with 95%

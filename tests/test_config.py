@@ -117,7 +117,8 @@ def sweep_grid(experiment: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize(
-    ("population", "outside"), [("population", "offgrid"), ("hard", "hard_offgrid")]
+    ("population", "outside"),
+    [("population", "offgrid"), ("hard", "hard_offgrid"), ("hard", "hard_offgrid2")],
 )
 def test_an_out_of_population_sweep_lies_off_its_population_grid(population, outside):
     trained, scored = sweep_grid(population), sweep_grid(outside)
@@ -129,6 +130,15 @@ def test_an_out_of_population_sweep_lies_off_its_population_grid(population, out
         assert any(grid[0] < value < grid[-1] for value in off), key  # some between its points
     for key in ("model", "optimizer"):  # the same families: off the grid, not unseen kinds
         assert set(scored.get(key, ["?"])) <= set(trained.get(key, ["?"])), key
+
+
+def test_the_two_sweeps_off_the_hard_grid_share_no_value():
+    first, second = sweep_grid("hard_offgrid"), sweep_grid("hard_offgrid2")
+    for key in ("seed", "width", "optimizer.lr", "model.dropout"):
+        assert not set(map(float, first[key])) & set(map(float, second[key])), key
+    assert not set(map(float, sweep_grid("hard")["model.dropout"])) & set(
+        map(float, second["model.dropout"])
+    )
 
 
 def test_every_group_option_is_typed_by_a_schema():
