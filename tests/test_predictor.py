@@ -39,7 +39,7 @@ from mlflow_tg.predictor.registry import (
     log_and_register,
     version_by_alias,
 )
-from mlflow_tg.predictor.scoring import answer_each
+from mlflow_tg.predictor.scoring import answer_each, input_columns
 from mlflow_tg.tracking.runs import load_run, load_runs, read_history
 from tests.conftest import predictor_config
 from tests.servers import free_port
@@ -51,6 +51,24 @@ def registered(population, version: str) -> RunPredictor:
     """A registered version's pyfunc model, unwrapped."""
     mlflow.set_tracking_uri(population["uri"])
     return mlflow.pyfunc.load_model(f"models:/{NAME}/{version}").unwrap_python_model()
+
+
+class MessagesOf(logging.Handler):
+    """The messages a logger emits while in the ``with`` block."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger, self.messages = logger, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> MessagesOf:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.logger.removeHandler(self)
 
 
 def requests_of(records, k: int) -> dict[str, pd.DataFrame]:
@@ -128,7 +146,14 @@ def test_the_logged_coverage_is_the_share_of_held_out_runs_inside_the_served_int
     records = [load_run(client, run_id) for run_id in actual]
     mlflow.set_tracking_uri(population["uri"])
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/{champion['version']}")
-    answers, refused = answer_each(model, requests_of(records, 2))
+    requests = requests_of(records, 2)
+    assert set(next(iter(requests.values())).columns) - set(input_columns(model))  # unread ones
+    warned = MessagesOf(
+        logging.getLogger("mlflow.models.utils")
+    )  # MLflow's loggers don't propagate
+    with warned:
+        answers, refused = answer_each(model, requests)
+    assert not [message for message in warned.messages if "extra inputs" in message]
     assert not refused and answers["k"].tolist() == [2] * len(actual)
     low, high = answers["predicted_test_acc_low"], answers["predicted_test_acc_high"]
     truth = answers["run_id"].map(actual)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from mlflow_tg import keys
 from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.describe import note_line
+from mlflow_tg.predictor.scoring import model_columns
 from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.train.hooks import Epoch
 
@@ -33,7 +34,6 @@ class LivePrediction:
         self.cfg = cfg
         self.params = params
         self.model: Any = None
-        self.columns: list[str] = []
         self.first_epoch: int | None = None  # None until the model is found; then min(ks)
         self.disabled = False
         self.last: Any = None  # the latest answer, for the run's description
@@ -68,8 +68,6 @@ class LivePrediction:
             self.first_epoch = min(int(k) for k in version.tags[keys.KS_TAG].split(","))
             if not self.cfg.endpoint:
                 self.model = mlflow.pyfunc.load_model(uri)
-                # only the columns it reads: MLflow warns about every other one, at every epoch
-                self.columns = self.model.metadata.get_input_schema().input_names()
         except Exception as error:
             self.give_up(f"no usable {uri} in the registry ({type(error).__name__}: {error})")
             return False
@@ -81,7 +79,7 @@ class LivePrediction:
             from mlflow_tg.serve.client import ask_endpoint
 
             return ask_endpoint(self.cfg.endpoint, frame)
-        return self.model.predict(frame[[c for c in frame.columns if c in self.columns]])
+        return self.model.predict(model_columns(self.model, frame))
 
     def give_up(self, why: str) -> None:
         """Warn once; the run trains on without live predictions."""

@@ -29,6 +29,12 @@ def input_columns(model: PyFuncModel) -> list[str]:
     return signature.inputs.input_names() if signature is not None else []
 
 
+def model_columns(model: PyFuncModel, frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns of ``frame`` that ``model`` reads: MLflow warns about every other one."""
+    names = set(input_columns(model))
+    return frame[[column for column in frame.columns if column in names]]
+
+
 def require_run_predictor(model: PyFuncModel, what: str) -> None:
     """RegistryError unless ``model`` answers runs (request columns ``run_id`` and ``epoch``)."""
     columns = input_columns(model)
@@ -70,6 +76,7 @@ def answer_each(
     """
     if not requests:
         return pd.DataFrame(columns=[keys.RUN_ID, keys.ANSWER]), {}
+    requests = {run_id: model_columns(model, frame) for run_id, frame in requests.items()}
     try:
         return model.predict(pd.concat(requests.values(), ignore_index=True)), {}
     except MlflowException as error:
