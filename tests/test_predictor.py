@@ -148,10 +148,8 @@ def test_the_logged_coverage_is_the_share_of_held_out_runs_inside_the_served_int
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/{champion['version']}")
     requests = requests_of(records, 2)
     assert set(next(iter(requests.values())).columns) - set(input_columns(model))  # unread ones
-    warned = MessagesOf(
-        logging.getLogger("mlflow.models.utils")
-    )  # MLflow's loggers don't propagate
-    with warned:
+    # MLflow's loggers do not propagate to the root logger: listen on its own
+    with MessagesOf(logging.getLogger("mlflow.models.utils")) as warned:
         answers, refused = answer_each(model, requests)
     assert not [message for message in warned.messages if "extra inputs" in message]
     assert not refused and answers["k"].tolist() == [2] * len(actual)
