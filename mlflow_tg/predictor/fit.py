@@ -53,7 +53,7 @@ def ensemble(x: pd.DataFrame, y: np.ndarray, cfg: DictConfig) -> Ensemble:
     seed by ``ensemble``.
     """
     members = []
-    for i in range(cfg.get("ensemble", 1)):
+    for i in range(cfg.ensemble):
         order = list(x.columns)
         if i:
             order = list(np.random.default_rng(cfg.seed + i).permutation(order))
