@@ -47,6 +47,7 @@ from sklearn.model_selection import GroupKFold
 from mlflow_tg.config import compose_config
 from mlflow_tg.keys import TARGET
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
+from mlflow_tg.predictor.endpoint import request_body
 from mlflow_tg.predictor.evaluate import (
     quality_by_subset,
     seed_twin_agreement,
@@ -54,7 +55,6 @@ from mlflow_tg.predictor.evaluate import (
 )
 from mlflow_tg.predictor.features import FEATURE_SETS, columns_of
 from mlflow_tg.predictor.fit import fit, fit_and_score
-from mlflow_tg.serve.client import request_body
 from mlflow_tg.tracking.runs import load_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests/

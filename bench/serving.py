@@ -38,8 +38,8 @@ from mlflow.models import infer_signature
 from small_store import DEFAULT_STORE, make_store
 
 from mlflow_tg.predictor.answering import model_input
+from mlflow_tg.predictor.endpoint import request_body
 from mlflow_tg.predictor.registry import FeatureSpec, log_and_register
-from mlflow_tg.serve.client import request_body
 from mlflow_tg.tracking.runs import load_runs
 
 LAST_EPOCH = 3

@@ -92,7 +92,7 @@ def test_mlflow_tg_predict_imports_no_torch_and_on_its_own_paths_not_even_mlflow
     """
     client_path = imported_by(
         "mlflow_tg.serve.cli", "mlflow_tg.predictor.model", "mlflow_tg.predictor.registry",
-        "mlflow_tg.predictor.scoring", "mlflow_tg.tracking.runs", "mlflow_tg.serve.client",
+        "mlflow_tg.predictor.scoring", "mlflow_tg.tracking.runs", "mlflow_tg.predictor.endpoint",
     )  # fmt: skip
     assert "mlflow" in client_path and "pandas" in client_path
     assert not {"torch", "torchvision", "mlflow_tg.config", "sklearn"} & client_path

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from mlflow_tg.config import ConfigError, build_from_config, check_config
+from mlflow_tg.config.schema import torchvision_archs
 from mlflow_tg.job import train
-from mlflow_tg.train.models import torchvision_archs, torchvision_model
+from mlflow_tg.train.models import torchvision_model
 from tests.conftest import CONF_DIR, all_runs, compose_config
 
 ROOT = CONF_DIR.parent

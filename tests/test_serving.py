@@ -26,8 +26,8 @@ from mlflow.models import infer_signature
 from mlflow_tg.job import train
 from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
 from mlflow_tg.predictor.answering import model_input
+from mlflow_tg.predictor.endpoint import EndpointError, ask_endpoint, request_body
 from mlflow_tg.predictor.scoring import load_run_predictor
-from mlflow_tg.serve.client import EndpointError, ask_endpoint, request_body
 from mlflow_tg.tracking.runs import load_run
 from tests.conftest import compose_config
 from tests.servers import free_port, running_server

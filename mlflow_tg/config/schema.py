@@ -191,6 +191,13 @@ class ResnetConfig(ModelConfig):
         self.require(ok, "blocks_per_stage", rule)
 
 
+def torchvision_archs() -> list[str]:
+    """The names of torchvision's classification models (``resnet18``, ``vit_b_16``, …)."""
+    from torchvision import models  # torchvision is slow to import: only when a config names it
+
+    return sorted(models.list_models(module=models))
+
+
 @dataclass
 class TorchvisionModelConfig(ModelConfig):
     """A torchvision classification model by its builder's name, sized to the data.
@@ -205,8 +212,6 @@ class TorchvisionModelConfig(ModelConfig):
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from mlflow_tg.train.models import torchvision_archs  # imports torch: only when asked
-
         archs = torchvision_archs()
         rule = (
             f"model=torchvision builds one of torchvision's {len(archs)} classification "

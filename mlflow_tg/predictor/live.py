@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from mlflow_tg import keys
 from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.describe import note_line
+from mlflow_tg.predictor.endpoint import ask_endpoint
 from mlflow_tg.predictor.scoring import model_columns
 from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.train.hooks import Epoch
@@ -76,8 +77,6 @@ class LivePrediction:
     def ask(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The model's answer, in this process or from the endpoint."""
         if self.cfg.endpoint:
-            from mlflow_tg.serve.client import ask_endpoint
-
             return ask_endpoint(self.cfg.endpoint, frame)
         return self.model.predict(model_columns(self.model, frame))
 

@@ -16,22 +16,21 @@ endpoint, the command is plain HTTP (``rest.py``); with a local SQLite store, pl
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from typing import Any
 
 from mlflow_tg import keys
 from mlflow_tg.errors import Refusal, RegistryError
 from mlflow_tg.predictor.describe import with_note
+from mlflow_tg.predictor.endpoint import EndpointError
 from mlflow_tg.serve.answer import KNOWN, describe, known_answer, predicted_metrics
-from mlflow_tg.serve.client import EndpointError
 from mlflow_tg.serve.rest import TrackingServerError
 from mlflow_tg.serve.stores import MlflowStore, Store, answer_here, open_store
 from mlflow_tg.tracking.commands import COMMANDS as TRACKING_COMMANDS
 from mlflow_tg.tracking.commands import add_commands as add_tracking_commands
 from mlflow_tg.tracking.commands import run_command as run_tracking_command
+from mlflow_tg.tracking.quiet import quiet
 from mlflow_tg.tracking.records import (
     RunNotFoundError,
     RunRecord,
@@ -76,17 +75,6 @@ def parser() -> argparse.ArgumentParser:
     return cli
 
 
-def quiet(verbose: bool) -> None:
-    """MLflow's progress bars, logs and warnings off, unless ``verbose``."""
-    if verbose:
-        return
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.simplefilter("ignore")
-
-
 def window_rows(run: RunRecord, version: Version) -> list[dict]:
     """The run's history up to the version's largest window: later epochs are not sent."""
     ks = version.tags.get(keys.KS_TAG)
@@ -107,7 +95,7 @@ def answer_for(args: argparse.Namespace, store: Store) -> tuple[RunRecord, dict[
     version = store.version(args.model, args.alias)
     rows = window_rows(run, version)
     if args.endpoint:
-        from mlflow_tg.serve.client import post_request
+        from mlflow_tg.predictor.endpoint import post_request
         from mlflow_tg.serve.rest import history_request
 
         (answer,) = post_request(args.endpoint, history_request(rows, run.params, run.run_id))

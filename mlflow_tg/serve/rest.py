@@ -20,7 +20,7 @@ from typing import Any
 import requests
 
 from mlflow_tg import keys
-from mlflow_tg.serve.client import cell
+from mlflow_tg.predictor.endpoint import cell
 from mlflow_tg.tracking.records import RunRecord, Version, no_version
 
 API = "/api/2.0/mlflow"

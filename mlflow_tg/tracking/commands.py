@@ -51,7 +51,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``reap`` or ``replay``; bad input prints one paragraph and returns 2."""
-    from mlflow_tg.serve.cli import quiet
+    from mlflow_tg.tracking.quiet import quiet
 
     quiet(False)
     from mlflow_tg.tracking.reap import ReapError

@@ -191,13 +191,6 @@ TORCHVISION_FIXED_OPTIONS: dict[str, dict[str, Any]] = {
 TORCHVISION_SIZE_ARGUMENTS = {"vit_": "image_size", "maxvit_": "input_size"}
 
 
-def torchvision_archs() -> list[str]:
-    """The names of torchvision's classification models (``resnet18``, ``vit_b_16``, …)."""
-    from torchvision import models  # torchvision is slow to import; only these models need it
-
-    return sorted(models.list_models(module=models))
-
-
 def torchvision_model(
     width: int,
     in_channels: int,
