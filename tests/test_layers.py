@@ -42,11 +42,12 @@ def package_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # From the package itself, only its modules count: __version__ is no part.
             names = (
                 [node.module]
                 if node.module != "mlflow_tg"
                 else [f"mlflow_tg.{alias.name}" for alias in node.names if is_part(alias.name)]
-            )  # fmt: skip (the rest, like __version__, is the package itself)
+            )
             found.update(name for name in names if name.startswith("mlflow_tg."))
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("mlflow_tg."))
@@ -64,7 +65,7 @@ def test_imports_point_down() -> None:
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE.parent).with_suffix("")
         if relative.name == "__init__" and len(relative.parts) == 2:
-            continue  # the package's own __init__
+            continue  # the package's face: its lazy mlflow_tg.watch
         importer = relative.parts[1]
         for imported in package_imports(path):
             target = part_of(imported)
