@@ -1,6 +1,7 @@
 """Replay a sweep through pruning policies: compute spent against the best run found.
 
     python bench/pruning.py [--tracking-uri sqlite:///mlflow.db] [--experiment offgrid]
+        [--model models:/NAME@ALIAS] [--orders 10] [--figure PATH]
 
 Takes the finished runs of a population the predictor was not fitted on (default: the
 ``offgrid`` sweep, ``make offgrid``), and replays them as a sequential sweep in several random
@@ -16,8 +17,8 @@ input as live prediction), and the jobs before it. Policies:
 
 For each it prints the share of epochs trained, the regret (best final test accuracy among the
 jobs that trained their whole budget minus the best of the population, in points; 0 is best)
-and the recall of the population's top 10%, averaged over the orders, and draws
-``bench/figures/pruning.png`` (compute against regret).
+and the recall of the population's top 10%, averaged over the orders, and draws compute against
+regret (``--figure``, by default ``bench/figures/pruning.png``, the README's).
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="offgrid")
     parser.add_argument("--model", default=f"models:/{keys.REGISTERED_MODEL}@{keys.CHAMPION}")
     parser.add_argument("--orders", type=int, default=ORDERS)
+    parser.add_argument("--figure", type=Path, default=FIGURE, help="where to draw the figure")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow.set_tracking_uri(args.tracking_uri)
@@ -241,10 +243,10 @@ def main() -> None:
         recall = np.mean([r.top_recall for r in results])
         rows.append((name, share, regret, recall))
         print(f"{name:36s} {share:7.1%} {regret:16.2f} {recall:15.2f}")
-    draw(rows)
+    draw(rows, args.figure)
 
 
-def draw(rows: list[tuple[str, float, float, float]]) -> None:
+def draw(rows: list[tuple[str, float, float, float]], path: Path) -> None:
     """Compute against regret, one point per policy."""
     figure, axis = plt.subplots(figsize=(8, 5))
     for name, share, regret, _ in rows:
@@ -255,9 +257,9 @@ def draw(rows: list[tuple[str, float, float, float]]) -> None:
     axis.legend(fontsize="x-small", loc="lower right")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    FIGURE.parent.mkdir(exist_ok=True)
-    figure.savefig(FIGURE, dpi=120)
-    print(f"figure: {FIGURE}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"figure: {path}")
 
 
 if __name__ == "__main__":
