@@ -71,7 +71,10 @@ def detrended(frame: pl.DataFrame, columns: list[str], fitted: np.ndarray) -> pl
 
 
 def stable_columns(frame: pl.DataFrame, columns: list[str], fitted: np.ndarray) -> list[str]:
-    """The columns whose level moves with width by ``|α| < STABLE`` on the ``fitted`` rows."""
+    """The columns whose level moves with width by ``|α| < STABLE`` on the ``fitted`` rows.
+
+    A column whose α cannot be fitted (zero at every narrow width) counts as stable.
+    """
     narrow = frame.filter(pl.Series(fitted))
     return [column for column in columns if abs(width_exponent(narrow, column)) < STABLE]
 
