@@ -9,15 +9,18 @@ A summary whose level grows like ``width^α`` tells a tree fitted on narrow netw
 can use on wide ones. Here each column's α is fitted on the narrow half of the widths only: the
 median of ``|column|`` per (model family, width), regressed in log-log within each family. Then
 either every row is divided by its ``width^α`` (``detrended``), or only the graph columns with
-``|α| < 0.1`` are kept (``stable``: their level moves by less than 15% from width w to 4w).
-The model fitted on the narrow half scores the wide half. Five column sets, each fitted on the
+``|α| < 0.1`` are kept (``stable``: their level moves by less than 15% from width w to 4w),
+or every graph column is replaced by its percentile rank among the runs of the same model
+family and width (``ranked``: no level is left to shift; it reads the other runs of a width,
+their features only, so it ranks runs within a sweep, not one run alone).
+The model fitted on the narrow half scores the wide half. Six column sets, each fitted on the
 same rows: curve+hparams; with the graph as logged (``logged``); with the graph detrended
 (``detrended``); with the graph and the curves detrended (``all-detrended``); with the stable
-graph columns (``stable``). Prints Kendall τ on the wide runs and each
-gain over curve+hparams with its 95% bootstrap interval over configurations. With
-``--in-distribution``, also τ on the same wide runs from 5-fold cross-validation over all
-widths (grouped by configuration), the model having seen other wide runs: width transfer's
-target is to lose at most 0.05 against it.
+graph columns (``stable``); with the graph ranked within each width (``ranked``). Prints
+Kendall τ on the wide runs and each gain over curve+hparams with its 95% bootstrap interval
+over configurations. With ``--in-distribution``, also τ on the same wide runs from 5-fold
+cross-validation over all widths (grouped by configuration), the model having seen other
+wide runs: width transfer's target is to lose at most 0.05 against it.
 """
 
 from __future__ import annotations
@@ -79,6 +82,17 @@ def stable_columns(frame: pl.DataFrame, columns: list[str], fitted: np.ndarray) 
     return [column for column in columns if abs(width_exponent(narrow, column)) < STABLE]
 
 
+def ranked_within_width(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """Each column as its percentile rank in (0, 1) among the runs of its model family and width.
+
+    Missing values stay missing and are not counted.
+    """
+    width_group = ["model", "run_width"]
+    return frame.with_columns(
+        ((pl.col(c).rank("average") - 0.5) / pl.col(c).count()).over(width_group) for c in columns
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=compose_config([]).tracking.uri)
@@ -107,6 +121,7 @@ def main() -> None:
         "detrended": (detrended(frame, graph, narrow), base + graph),
         "all-detrended": (detrended(frame, graph + curve, narrow), base + graph),
         "stable": (frame, base + stable),
+        "ranked": (ranked_within_width(frame, graph), base + graph),
     }
     chosen = args.variants or list(variants)
     if unknown := sorted(set(chosen) - set(variants)):
