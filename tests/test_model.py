@@ -329,6 +329,81 @@ def test_the_interval_is_widened_by_its_calibration_and_stays_in_0_1():
     assert (answer[keys.ANSWER_LOW], answer[keys.ANSWER_HIGH]) == (0.0, 1.0)
 
 
+def test_a_run_out_of_distribution_gets_the_wider_outside_calibration():
+    model = predictor(answer=(0.5, 0.4, 0.6))
+    model.windows[2].widen, model.windows[2].widen_outside = 0.05, 0.2
+    inside, outside = ask(
+        model, (history(2), params(), "in"), (history(2), params(width="9"), "wide")
+    ).to_dict("records")
+    assert not inside[keys.ANSWER_OOD] and outside[keys.ANSWER_OOD]
+    assert (inside[keys.ANSWER_LOW], inside[keys.ANSWER_HIGH]) == (
+        pytest.approx(0.35),
+        pytest.approx(0.65),
+    )
+    assert (outside[keys.ANSWER_LOW], outside[keys.ANSWER_HIGH]) == (
+        pytest.approx(0.2),
+        pytest.approx(0.8),
+    )
+    assert inside[keys.ANSWER] == outside[keys.ANSWER] == 0.5  # the point does not move
+    model.windows[2].widen_outside = 0.01  # never narrower than the run's own calibration
+    (outside,) = ask(model, (history(2), params(width="9"), "wide")).to_dict("records")
+    assert outside[keys.ANSWER_HIGH] == pytest.approx(0.65)
+
+
+def test_a_version_pickled_before_the_outside_calibration_answers_as_it_did():
+    window = predictor().windows[2]
+    del window.__dict__["widen_outside"]  # as unpickled from an older version
+    assert window.widen_outside == 0.0
+    assert window.widening(np.array([True, False])).tolist() == [window.widen] * 2
+
+
+def test_outside_calibration_covers_runs_beyond_the_trained_width_better():
+    """A tree cannot follow a trend past the widths it saw: folds at each end of the trained
+    range measure that error, folds of configurations do not."""
+    from omegaconf import OmegaConf
+
+    from mlflow_tg.predictor.calibrate import outside_widening, widening
+    from mlflow_tg.predictor.fit import ensemble
+
+    cfg = OmegaConf.create(
+        {"seed": 0, "ensemble": 1, "catboost": {"iterations": 60, "depth": 4, "learning_rate": 0.1,
+                                 "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9",
+                                 "thread_count": 1}}
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def sample(widths: list[int], n: int) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+        width = rng.choice(widths, n).astype(float)
+        lr = rng.choice([-2.0, -1.0], n)
+        x = pd.DataFrame({"width": width, "log10_lr": lr})
+        y = 0.2 + 0.06 * width + 0.05 * lr + rng.normal(0, 0.02, n)
+        return x, y, x.copy()
+
+    x, y, hparams = sample([2, 3, 4, 5, 6], 200)
+    model = ensemble(x, y, cfg)
+    inside = widening(model, x, y, [f"config-{i}" for i in range(200)], cfg, 0.8)
+    outside = outside_widening(model, x, y, hparams, cfg, 0.8)
+    wide_x, wide_y, _ = sample([7], 500)  # one step past the range, as the folds are
+    raw = model.predict(wide_x)
+
+    def coverage(extra: float) -> float:
+        low, _, high = to_interval(raw, extra).T
+        return float(np.mean((low <= wide_y) & (wide_y <= high)))
+
+    assert outside > inside
+    assert coverage(inside) < 0.5 < coverage(outside)
+
+
+def test_outside_calibration_is_zero_when_no_width_or_learning_rate_varies():
+    from omegaconf import OmegaConf
+
+    from mlflow_tg.predictor.calibrate import outside_widening
+
+    cfg = OmegaConf.create({"seed": 0})
+    hparams = pd.DataFrame({"width": [4.0] * 6, "log10_lr": [math.nan] * 6})
+    assert outside_widening(None, pd.DataFrame(index=range(6)), np.zeros(6), hparams, cfg, 0.8) == 0
+
+
 def test_calibration_brings_new_samples_into_the_interval_at_the_nominal_rate():
     from omegaconf import OmegaConf
 

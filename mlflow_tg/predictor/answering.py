@@ -18,7 +18,9 @@ empty when none).
 **Uncertainty**: one CatBoost ``MultiQuantile:alpha=0.1,0.5,0.9`` ensemble per window (fits
 averaged quantile by quantile, ``ensemble.py``); the point is the median, the interval the
 outer quantiles widened by a calibration on the training runs (conformalized quantile
-regression, ``calibrate.py``). Measured with one fit (``ensemble=1``) by
+regression, ``calibrate.py``); a run flagged out of distribution (below) by at least as much
+as folds beyond the trained widths and learning rates ask (``calibrate.outside_widening``).
+Measured with one fit (``ensemble=1``) by
 ``bench/predictor_uncertainty.py`` on 337 runs of the population (k=3, 600 trees, 32 columns,
 3 held-out quarters of the configurations; coverage of the 80% interval / mean width / Kendall τ
 of the point): MultiQuantile 0.44 / 0.037 / 0.831; ``RMSEWithUncertainty`` (mean ± 1.28 σ)
@@ -108,11 +110,11 @@ def quantiles_of(loss_function: str) -> tuple[float, float, float]:
     return alphas
 
 
-def to_interval(raw: np.ndarray, widen: float = 0.0) -> np.ndarray:
+def to_interval(raw: np.ndarray, widen: float | np.ndarray = 0.0) -> np.ndarray:
     """A MultiQuantile model's (n, 3) output as (low, point, high), clipped to [0, 1].
 
-    Sorted (quantile models may cross), then the ends moved out by ``widen``: the interval's
-    calibration (``calibrate.py``).
+    Sorted (quantile models may cross), then the ends moved out by ``widen`` (one value, or one
+    per row): the interval's calibration (``calibrate.py``).
     """
     interval = np.sort(np.asarray(raw, float).reshape(len(raw), -1), axis=1)
     interval[:, 0] -= widen
@@ -233,6 +235,18 @@ class Reference:
                 )
         return reasons
 
+    def reasons(
+        self, hparams: Sequence[Mapping[str, float | str]], numeric: np.ndarray
+    ) -> list[list[str]]:
+        """Why each run is out of distribution; an empty list when it is not.
+
+        ``hparams``: each run's ``hparam_features``; ``numeric``: its row of the numeric columns.
+        """
+        far = self.distance_reasons(numeric)
+        return [
+            self.hparam_reasons(h) + ([f] if f else []) for h, f in zip(hparams, far, strict=True)
+        ]
+
     def distance_reasons(self, numeric: np.ndarray) -> list[str]:
         """For each row of the model's numeric columns: why it is far from every training row.
 
@@ -265,6 +279,7 @@ class Window:
     columns: list[str]  # the CatBoost ensemble's, in its order
     reference: Reference
     widen: float = 0.0  # each end of the interval moves out by this much (calibrate.py)
+    widen_outside: float = 0.0  # ... for a run flagged out of distribution, if more
     metrics: dict[str, list[int]] = field(init=False)  # metric → the epochs it reads
     params: list[str] = field(init=False)  # param keys a run must have
     sets: tuple[str, ...] = field(init=False)  # the feature sets its columns belong to
@@ -280,6 +295,17 @@ class Window:
         lacked = {param_of(name) for name in self.reference.lacked}
         self.params = [key for key in PARAM_KEYS if key not in lacked]
         self.sets = parse_sets({set_of(column) for column in self.columns})
+
+    def flags(self, matrix: pd.DataFrame, params: Sequence[Mapping[str, str]]) -> np.ndarray:
+        """Which runs (rows of this window's columns, and their params) its answers flag."""
+        numeric = [column for column in self.columns if column not in CATEGORICAL_HPARAMS]
+        hparams = [hparam_features(run) for run in params]
+        reasons = self.reference.reasons(hparams, matrix[numeric].to_numpy(float))
+        return np.array([bool(reason) for reason in reasons], dtype=bool)
+
+    def widening(self, flagged: np.ndarray) -> np.ndarray:
+        """How far each run's interval widens: more for the runs flagged out of distribution."""
+        return np.where(flagged, max(self.widen, self.widen_outside), self.widen)
 
 
 def how_to_log(metric: str) -> str:
@@ -427,12 +453,12 @@ class RunAnswerer:
         matrix = np.array(
             [run["features"] for run in runs], dtype=object if any(categorical) else float
         )
-        low, point, high = to_interval(self._models[window.k].predict(matrix), window.widen).T
         numeric = matrix[:, [not is_category for is_category in categorical]].astype(float)
-        far = window.reference.distance_reasons(numeric)
+        reasons = window.reference.reasons([run["hparams"] for run in runs], numeric)
+        widen = window.widening(np.array([bool(r) for r in reasons]))
+        low, point, high = to_interval(self._models[window.k].predict(matrix), widen).T
         answers = []
         for i, run in enumerate(runs):
-            reasons = window.reference.hparam_reasons(run["hparams"]) + ([far[i]] if far[i] else [])
             answers.append(
                 {
                     keys.RUN_ID: run["run_id"],
@@ -440,8 +466,8 @@ class RunAnswerer:
                     keys.ANSWER: float(point[i]),
                     keys.ANSWER_LOW: float(low[i]),
                     keys.ANSWER_HIGH: float(high[i]),
-                    keys.ANSWER_OOD: bool(reasons),
-                    keys.ANSWER_OOD_REASONS: "; ".join(reasons),
+                    keys.ANSWER_OOD: bool(reasons[i]),
+                    keys.ANSWER_OOD_REASONS: "; ".join(reasons[i]),
                 }
             )
         return answers
@@ -537,12 +563,14 @@ def fitted_window(
     hparams: pd.DataFrame,
     widen: float = 0.0,
     groups: Sequence[str] | None = None,
+    widen_outside: float = 0.0,
 ) -> Window:
     """The window of a CatBoost ensemble, from its training runs' rows and hparams features.
 
     ``matrix`` holds the training rows (any columns, the model's among them), ``hparams`` the
     same runs' ``hparam_features`` and ``groups`` their configurations, in the same order;
-    ``widen`` calibrates the interval.
+    ``widen`` calibrates the interval, ``widen_outside`` that of runs out of distribution.
     """
     columns = list(model.feature_names_)
-    return Window(k, columns, Reference.of(hparams, matrix[columns], groups), widen)
+    reference = Reference.of(hparams, matrix[columns], groups)
+    return Window(k, columns, reference, widen, widen_outside)

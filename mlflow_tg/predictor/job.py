@@ -34,7 +34,7 @@ from mlflow_tg import keys
 from mlflow_tg.config import CONF_DIR, is_whole_number
 from mlflow_tg.errors import ConfigError, Refusal
 from mlflow_tg.predictor.answering import fitted_window, model_input, quantiles_of
-from mlflow_tg.predictor.calibrate import widening
+from mlflow_tg.predictor.calibrate import outside_widening, widening
 from mlflow_tg.predictor.dataset import Dataset, build_dataset
 from mlflow_tg.predictor.evaluate import (
     QUALITY_METRICS,
@@ -218,16 +218,22 @@ def fit_windows(
         trained = pd.DataFrame([hparam_features(by_id[i].params) for i in data.run_ids(~held)])
         x = data.matrix(model.feature_names_, ~held)
         groups = [group for group, out in zip(data.groups, held, strict=True) if not out]
-        widen = widening(model, x, data.column(TARGET, ~held), groups, cfg, nominal)
-        windows.append(fitted_window(k, model, x, trained, widen, groups))
+        y = data.column(TARGET, ~held)
+        widen = widening(model, x, y, groups, cfg, nominal)
+        outside = outside_widening(model, x, y, trained, cfg, nominal)
+        window = fitted_window(k, model, x, trained, widen, groups, outside)
+        windows.append(window)
         models[k] = model
-        low, point, high = predict_interval(model, data.matrix(model.feature_names_, held), widen).T
+        shown = data.matrix(model.feature_names_, held)
+        flagged = window.flags(shown, [by_id[i].params for i in data.run_ids(held)])
+        low, point, high = predict_interval(model, shown, window.widening(flagged)).T
         actual = data.column(TARGET, held)
         coverage[k] = float(np.mean((low <= actual) & (actual <= high)))
         tau = kendalltau(point, actual).statistic
-        log.info("window k=%d (%d metrics): interval widened by %.4f, held-out coverage %.3f "
-                 "(nominal %g), Kendall tau %.3f", k, len(metrics_of(model.feature_names_, k)),
-                 widen, coverage[k], nominal, tau)  # fmt: skip
+        log.info("window k=%d (%d metrics): interval widened by %.4f (%.4f out of distribution), "
+                 "held-out coverage %.3f (nominal %g), Kendall tau %.3f", k,
+                 len(metrics_of(model.feature_names_, k)), widen, window.widen_outside,
+                 coverage[k], nominal, tau)  # fmt: skip
     return RunPredictor(windows, quantiles, models), coverage
 
 
