@@ -329,6 +329,17 @@ def test_the_interval_is_widened_by_its_calibration_and_stays_in_0_1():
     assert (answer[keys.ANSWER_LOW], answer[keys.ANSWER_HIGH]) == (0.0, 1.0)
 
 
+def small_catboost(ensemble: int):
+    """A predictor config of small, quick quantile fits."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {"seed": 0, "ensemble": ensemble, "catboost": {"iterations": 60, "depth": 4,
+         "learning_rate": 0.1, "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9",
+         "thread_count": 1}}
+    )  # fmt: skip
+
+
 def test_a_run_out_of_distribution_gets_the_wider_outside_calibration():
     model = predictor(answer=(0.5, 0.4, 0.6))
     model.windows[2].widen, model.windows[2].widen_outside = 0.05, 0.2
@@ -360,16 +371,10 @@ def test_a_version_pickled_before_the_outside_calibration_answers_as_it_did():
 def test_outside_calibration_covers_runs_beyond_the_trained_width_better():
     """A tree cannot follow a trend past the widths it saw: folds at each end of the trained
     range measure that error, folds of configurations do not."""
-    from omegaconf import OmegaConf
-
     from mlflow_tg.predictor.calibrate import outside_widening, widening
     from mlflow_tg.predictor.fit import ensemble
 
-    cfg = OmegaConf.create(
-        {"seed": 0, "ensemble": 1, "catboost": {"iterations": 60, "depth": 4, "learning_rate": 0.1,
-                                 "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9",
-                                 "thread_count": 1}}
-    )  # fmt: skip
+    cfg = small_catboost(ensemble=1)
     rng = np.random.default_rng(0)
 
     def sample(widths: list[int], n: int) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
@@ -405,16 +410,10 @@ def test_outside_calibration_is_zero_when_no_width_or_learning_rate_varies():
 
 
 def test_calibration_brings_new_samples_into_the_interval_at_the_nominal_rate():
-    from omegaconf import OmegaConf
-
     from mlflow_tg.predictor.calibrate import widening
     from mlflow_tg.predictor.fit import ensemble
 
-    cfg = OmegaConf.create(
-        {"seed": 0, "ensemble": 2, "catboost": {"iterations": 60, "depth": 4, "learning_rate": 0.1,
-                                 "loss_function": "MultiQuantile:alpha=0.1,0.5,0.9",
-                                 "thread_count": 1}}
-    )  # fmt: skip
+    cfg = small_catboost(ensemble=2)
     rng = np.random.default_rng(0)
 
     def sample(n: int) -> tuple[pd.DataFrame, np.ndarray]:
