@@ -59,3 +59,27 @@ def test_seed_twin_agreement():
     assert agreement["configurations"] == 3  # d has no twin
     assert agreement["kendall_tau"] == pytest.approx(1.0)
     assert agreement["mean_abs_diff_points"] == pytest.approx(10.0)
+
+
+def test_evaluations_score_the_point_the_registered_model_answers():
+    """Quantiles that cross or leave [0, 1] are sorted and clipped before they are scored."""
+    import pandas as pd
+
+    from mlflow_tg.predictor.answering import to_interval
+    from mlflow_tg.predictor.fit import predict
+
+    raw = np.array([[0.9, 1.04, 1.1], [0.5, 0.3, 0.6], [0.2, 0.4, 0.35]])
+
+    class Quantiles:  # the raw (low, median, high) of a MultiQuantile model
+        def __init__(self):
+            self.feature_names_ = ["a"]
+
+        def predict(self, x: pd.DataFrame) -> np.ndarray:
+            return raw
+
+        def get_params(self) -> dict:
+            return {"loss_function": "MultiQuantile:alpha=0.1,0.5,0.9"}
+
+    points = predict(Quantiles(), pd.DataFrame({"a": [1.0, 2.0, 3.0]}))
+    assert points.tolist() == pytest.approx([1.0, 0.5, 0.35])
+    assert points.tolist() == to_interval(raw)[:, 1].tolist()

@@ -131,13 +131,15 @@ def keep_every_set(columns: list[str], selected: list[int], eliminated: list[int
 def predict(model: Ensemble, x: pd.DataFrame) -> np.ndarray:
     """Point predictions from the columns the model kept (CatBoost reads columns by position).
 
-    A ``MultiQuantile`` model's point is its median (column of alpha 0.5); ``predict_interval``
-    gives all of its quantiles.
+    A ``MultiQuantile`` model's point is the one the registered model answers: its median once
+    the quantiles are sorted and clipped to [0, 1] (``to_interval``), so that evaluations and
+    the comparison with the champion score what users get. ``predict_interval`` gives all three.
     """
     predicted = model.predict(x[model.feature_names_])
     if np.ndim(predicted) == 1:
         return predicted
-    return predicted[:, quantiles_of(model.get_params()["loss_function"]).index(0.5)]
+    median = quantiles_of(model.get_params()["loss_function"]).index(0.5)
+    return to_interval(predicted)[:, median]
 
 
 def predict_interval(model: Ensemble, x: pd.DataFrame, widen: float = 0.0) -> np.ndarray:
