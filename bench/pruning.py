@@ -152,7 +152,10 @@ def replay_policy(policy: Policy, order: list[Job]) -> list[int]:
 
 def replay_optuna(make_pruner: Callable[[], optuna.pruners.BasePruner], order: list[Job]):
     """Epochs each job trains under an Optuna pruner fed the replayed val_acc curves."""
-    study = optuna.create_study(direction="maximize", pruner=make_pruner())
+    # Hyperband assigns trials to brackets by a hash of the study's name: a name fixed by the
+    # order makes each replay reproducible (Optuna's default name is a random UUID)
+    name = "replay " + " ".join(job.run_id for job in order)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(), study_name=name)
     trained = []
     for job in order:
         trial, stop = study.ask(), job.budget
