@@ -34,7 +34,11 @@ from mlflow_tg.predictor.fit import fit, predict, refit
 
 
 def fitted_predictions(dataset, columns, fitted, scored, cfg, times) -> np.ndarray:
-    """Each fit's predictions of the ``scored`` rows (fits × rows); fitting times to ``times``."""
+    """Each fit's predictions of the ``scored`` rows, then the ensemble's ((fits + 1) × rows).
+
+    The ensemble's as the registered model answers: the fits' quantiles averaged, then sorted
+    and clipped. Fitting times go to ``times``.
+    """
     x, y = dataset.matrix(columns, fitted), dataset.column(TARGET, fitted)
     start = time.perf_counter()
     model = fit(x, y, cfg)
@@ -43,13 +47,14 @@ def fitted_predictions(dataset, columns, fitted, scored, cfg, times) -> np.ndarr
     refit(model, x, y, cfg)  # the fits again, without the selection
     times.append((total, time.perf_counter() - start))
     rows = dataset.matrix(columns, scored)
-    return np.array([predict(Ensemble([member]), rows) for member in model.members])
+    alone = [predict(Ensemble([member]), rows) for member in model.members]
+    return np.array([*alone, predict(model, rows)])
 
 
 def out_of_fold(dataset, columns, cfg, times) -> np.ndarray:
-    """Each fit's out-of-fold predictions of every row, 5 folds grouped by configuration."""
+    """``fitted_predictions`` out of fold for every row, 5 folds grouped by configuration."""
     groups = dataset.groups
-    predicted = np.empty((cfg.ensemble, len(groups)))
+    predicted = np.empty((cfg.ensemble + 1, len(groups)))
     for fitted_rows, scored_rows in GroupKFold(5).split(groups, groups=groups):
         fitted = np.zeros(len(groups), dtype=bool)
         fitted[fitted_rows] = True
@@ -71,14 +76,14 @@ def main() -> None:
         columns = columns_of(population.feature_columns, name)
         for protocol, (dataset, fitted, scored) in protocols.items():
             actual = dataset.column(TARGET, scored)
-            fits = (
+            found = (
                 out_of_fold(dataset, columns, cfg, times[name])
                 if protocol == "cv"
                 else fitted_predictions(dataset, columns, fitted, scored, cfg, times[name])
             )
-            predicted[name, protocol] = fits
-            taus = [stats.kendalltau(actual, one).statistic for one in fits]
-            together = stats.kendalltau(actual, fits.mean(axis=0)).statistic
+            predicted[name, protocol] = found
+            taus = [stats.kendalltau(actual, one).statistic for one in found[:-1]]
+            together = stats.kendalltau(actual, found[-1]).statistic
             print(f"{name:<22}{protocol:<10}tau per fit " + " ".join(f"{t:.3f}" for t in taus)
                   + f"  mean {np.mean(taus):.3f}  ensemble {together:.3f}", flush=True)  # fmt: skip
     for protocol, (dataset, _, scored) in protocols.items():
@@ -86,7 +91,7 @@ def main() -> None:
         with_graph, without = predicted[SETS[1], protocol], predicted[SETS[0], protocol]
         pairs = {
             "first fit": (with_graph[0], without[0]),
-            "ensemble": (with_graph.mean(axis=0), without.mean(axis=0)),
+            "ensemble": (with_graph[-1], without[-1]),
         }
         for label, (a, b) in pairs.items():
             gain = graph_gain(actual, groups, a, b)
