@@ -16,8 +16,9 @@ so low ≤ point ≤ high), ``out_of_distribution`` (bool) and ``ood_reasons`` (
 empty when none).
 
 **Uncertainty**: one CatBoost ``MultiQuantile:alpha=0.1,0.5,0.9`` ensemble per window (fits
-averaged quantile by quantile, ``ensemble.py``); the point is the median, the interval the
-outer quantiles widened by a calibration on the training runs (conformalized quantile
+averaged quantile by quantile, ``ensemble.py``); the point is the middle quantile and the
+interval the outer ones, once the three are sorted (separate quantile fits can cross), the
+interval widened by a calibration on the training runs (conformalized quantile
 regression, ``calibrate.py``); a run flagged out of distribution (below) by at least as much
 as folds beyond the trained widths and learning rates ask (``calibrate.outside_widening``).
 Measured with one fit (``ensemble=1``) by
