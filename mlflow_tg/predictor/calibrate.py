@@ -13,10 +13,10 @@ Runs flagged out of distribution get a second widening (``outside_widening``). F
 configurations say how wrong the model is on configurations like the ones it learned from; a
 run at a width or learning rate beyond the trained range is a different question, and the
 first widening held 58% to 72% of the runs of the population's off-grid sweep, more than half
-of them flagged. So a
-flagged run's interval is calibrated on folds that are themselves beyond the range: the runs at
-the smallest width, at the largest, at the smallest learning rate and at the largest, each
-predicted by the model refitted on the others (four more fits of the model per window).
+of them flagged. So a flagged run's interval is calibrated on folds that are themselves beyond
+the range: the runs at the smallest width, at the largest, at the smallest learning rate and
+at the largest, each predicted by the model refitted on the others (four more fits of the
+model per window). With it, that sweep's coverage was 80%.
 """
 
 from __future__ import annotations
