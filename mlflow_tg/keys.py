@@ -116,6 +116,14 @@ def coverage_metric(nominal: float, k: int | None = None) -> str:
     return f"holdout/{window}coverage{round(100 * nominal)}"
 
 
+def widening_metric(k: int, outside: bool = False) -> str:
+    """``calibration/k2/widen``: how far window ``k`` moves each end of its interval out.
+
+    ``calibration/k2/widen_outside``: the same for runs flagged out of distribution.
+    """
+    return f"calibration/k{k}/widen" + ("_outside" if outside else "")
+
+
 # The registered predictor's request (one row per run and epoch: these two columns, the
 # metrics as history.parquet names them, the params by their param key) and its answer
 # (one row per run, in request order).

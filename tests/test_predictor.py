@@ -132,6 +132,11 @@ def test_first_fit_is_champion_with_metrics_artifacts_signature_and_dataset(cham
     assert run.data.params["ks"] == "1,2,3"
     for key in ("holdout/coverage80", "holdout/k1/coverage80", "holdout/k3/coverage80"):
         assert 0 <= run.data.metrics[key] <= 1, key
+    for k, window in predictor.windows.items():  # each calibration, logged as it is served
+        widen = run.data.metrics[f"calibration/k{k}/widen"]
+        outside = run.data.metrics[f"calibration/k{k}/widen_outside"]
+        assert widen == pytest.approx(window.widen) and widen >= 0
+        assert outside == pytest.approx(window.widen_outside) and widen <= outside
 
 
 @pytest.mark.slow

@@ -220,7 +220,7 @@ def fit_windows(
         groups = [group for group, out in zip(data.groups, held, strict=True) if not out]
         y = data.column(TARGET, ~held)
         widen = widening(model, x, y, groups, cfg, nominal)
-        outside = outside_widening(model, x, y, trained, cfg, nominal)
+        outside = max(widen, outside_widening(model, x, y, trained, cfg, nominal))
         window = fitted_window(k, model, x, trained, widen, groups, outside)
         windows.append(window)
         models[k] = model
@@ -294,6 +294,11 @@ def log_predictor_run(
             {f"{keys.COMPARISON_PREFIX}{key}": value for key, value in scores.items()}
             | {keys.coverage_metric(predictor.nominal): coverage[cfg.k]}
             | {keys.coverage_metric(predictor.nominal, k): value for k, value in coverage.items()}
+            | {keys.widening_metric(k): w.widen for k, w in predictor.windows.items()}
+            | {
+                keys.widening_metric(k, outside=True): w.widen_outside
+                for k, w in predictor.windows.items()
+            }
         )
         mlflow.log_metrics(
             {
