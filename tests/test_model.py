@@ -205,9 +205,22 @@ def test_a_missing_graph_metric_is_refused_naming_the_setting_that_logs_it():
 def test_a_graph_metric_of_some_epochs_only_names_every_n_epochs():
     gappy = history(2)
     del gappy[1]["tg.katz/gini"]
-    message = refusal(predictor(), (gappy, params(), "gappy"))
+    message = refusal(predictor(), (gappy, params(), "gappy"))  # inside every window: refused
+    assert "it lacks what the model of window k=2 (epochs 0..2) reads:" in message
     assert "metric tg.katz/gini at epoch 1," in message
     assert "(it has epochs 0, 2; graph.every_n_epochs=1 logs each)" in message
+
+
+def test_a_skipped_capture_at_the_last_epoch_is_answered_from_the_window_before():
+    skipped = history(2)
+    del skipped[2]["tg.katz/gini"]  # epoch 2's graph capture failed; epochs 0..1 are whole
+    model = predictor()
+    answer = ask(model, (skipped, params(), "skipped"))
+    assert answer[keys.ANSWER_K].tolist() == [1]
+    (seen,) = model._models[1].seen
+    expected = run_features(history(1), params(), 1, "graph+curve+hparams")
+    assert seen.iloc[0].to_dict() == pytest.approx({c: expected[c] for c in COLUMNS[1]})
+    assert not model._models[2].seen  # window 2 is not asked
 
 
 def test_a_missing_param_is_refused_unless_training_runs_lacked_it_too():

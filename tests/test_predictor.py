@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -32,16 +33,18 @@ from mlflow_tg.predictor.fit import fit, keep_every_set
 from mlflow_tg.predictor.job import fit_predictor
 from mlflow_tg.predictor.model import RunPredictor
 from mlflow_tg.predictor.registry import (
+    CHALLENGER,
     CHAMPION,
     FeatureSpec,
     Holdout,
     RegistryError,
     log_and_register,
+    settle_aliases,
     version_by_alias,
 )
 from mlflow_tg.predictor.scoring import answer_each, input_columns
 from mlflow_tg.tracking.runs import load_run, load_runs, read_history
-from tests.conftest import predictor_config
+from tests.conftest import predictor_config, store_job
 from tests.servers import free_port
 
 NAME = "tg-performance-predictor"
@@ -400,6 +403,27 @@ def test_a_column_based_champion_cannot_score_runs_and_is_replaced_naming_why(po
 
 
 @pytest.mark.slow
+def test_a_champion_that_refuses_every_run_of_the_store_is_replaced_naming_why(population):
+    from mlflow_tg.job import train
+
+    name = "refusing-test"
+    first = fit_predictor(predictor_config(population, f"registered_model={name}"))  # reads tg.*
+    for model, lr, seed in itertools.product(("mlp", "lenet"), (0.003, 0.05, 0.3), (0, 1)):
+        overrides = (f"model={model}", "width=2", f"optimizer.lr={lr}", f"seed={seed}")
+        train(store_job(population, "nograph", *overrides, "graph=off"))
+    second = fit_predictor(
+        predictor_config(
+            population, f"registered_model={name}", "source_experiment=nograph",
+            "feature_sets=curve+hparams", "compare_sets=[curve+hparams]",
+        )
+    )  # fmt: skip
+    assert second["alias"] == CHAMPION
+    assert second["verdict"].startswith(f"champion v{first['version']} refused all ")
+    assert "metric tg." in second["verdict"] and "graph.enabled=true" in second["verdict"]
+    assert "so the new version replaces it" in second["verdict"]
+
+
+@pytest.mark.slow
 def test_auto_registers_the_compared_set_best_on_held_out_runs_and_logs_why(population):
     name = "tg-auto-set"
     cfg = predictor_config(
@@ -542,6 +566,18 @@ def test_a_versions_windows_are_in_its_tags(client, tmp_path):
     older = client.create_model_version("windows", str(tmp_path), tags={"mlflow_tg.k": "2",
                                         "mlflow_tg.feature_sets": "curve"})  # fmt: skip
     assert FeatureSpec.of_version(older).ks == ()
+
+
+def test_a_version_compared_with_a_champion_that_has_since_moved_is_not_promoted(client, tmp_path):
+    client.create_registered_model("moved")
+    old, newer, mine = (client.create_model_version("moved", str(tmp_path)) for _ in "abc")
+    client.set_registered_model_alias("moved", CHAMPION, newer.version)  # another job's promotion
+    alias, why = settle_aliases(client, "moved", mine, beats_champion=True, compared=old)
+    assert alias == CHALLENGER and f"the champion moved to v{newer.version}" in why
+    assert client.get_model_version_by_alias("moved", CHAMPION).version == newer.version
+    alias, why = settle_aliases(client, "moved", mine, beats_champion=True, compared=newer)
+    assert (alias, why) == (CHAMPION, "")
+    assert client.get_model_version_by_alias("moved", CHAMPION).version == mine.version
 
 
 class FailingDownloads:

@@ -59,7 +59,7 @@ import math
 import pickle
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -510,9 +510,13 @@ class RunAnswerer:
         metrics: list[str],
         params: dict[str, str],
     ) -> dict:
-        """One run's window, features and hparams; ValueError saying what it lacks."""
-        k = max((k for k in self.windows if all(e in by_epoch for e in range(k + 1))), default=None)
-        if k is None:
+        """One run's window, features and hparams; ValueError saying what it lacks.
+
+        The largest window the run has in full answers: a run whose later epoch lacks a metric
+        (a skipped graph capture) is answered from the window before it, not refused.
+        """
+        ks = [k for k in self.windows if all(e in by_epoch for e in range(k + 1))]
+        if not ks:
             smallest = self.ks[0]
             lacking = [e for e in range(smallest + 1) if e not in by_epoch]
             raise ValueError(
@@ -520,29 +524,21 @@ class RunAnswerer:
                 f"predictor needs epochs 0..{smallest} at least (its windows: k in {self.ks}); "
                 f"missing {epochs_text(lacking)}. Ask again when the run has got further."
             )
-        window = self.windows[k]
         column = {metric: i for i, metric in enumerate(metrics)}
 
         def logged(metric: str, epoch: int) -> bool:
             return metric in column and not math.isnan(values[by_epoch[epoch], column[metric]])
 
-        lacking = []
-        for metric, needed in window.metrics.items():
-            have = [e for e in needed if logged(metric, e)]
-            if len(have) < len(needed):
-                missing = [e for e in needed if e not in have]
-                text = f"metric {metric} at {epochs_text(missing)}, {how_to_log(metric)}"
-                if have and keys.is_graph_metric(metric):
-                    text += f" (it has {epochs_text(have)}; graph.every_n_epochs=1 logs each)"
-                lacking.append(text)
-        missing_params = [f"param {key}" for key in window.params if key not in params]
-        if missing_params:
-            lacking.append("; ".join(missing_params) + unseen_model_hint(window.reference, params))
-        if lacking:
+        refusals = {k: self.lacking(self.windows[k], logged, params) for k in ks}
+        answerable = [k for k in ks if not refusals[k]]
+        if not answerable:
+            k = max(ks)
             raise ValueError(
                 f"it lacks what the model of window k={k} (epochs 0..{k}) reads: "
-                + "; ".join(lacking)
+                + "; ".join(refusals[k])
             )
+        k = max(answerable)
+        window = self.windows[k]
         history = [
             {keys.EPOCH: e}
             | {m: float(values[by_epoch[e], column[m]]) for m in window.metrics if logged(m, e)}
@@ -555,6 +551,25 @@ class RunAnswerer:
             "features": [features[c] for c in window.columns],
             "hparams": hparam_features(params),
         }
+
+    @staticmethod
+    def lacking(
+        window: Window, logged: Callable[[str, int], bool], params: dict[str, str]
+    ) -> list[str]:
+        """What of the window's metrics and params the run does not have, each with its setting."""
+        lacking = []
+        for metric, needed in window.metrics.items():
+            have = [e for e in needed if logged(metric, e)]
+            if len(have) < len(needed):
+                missing = [e for e in needed if e not in have]
+                text = f"metric {metric} at {epochs_text(missing)}, {how_to_log(metric)}"
+                if have and keys.is_graph_metric(metric):
+                    text += f" (it has {epochs_text(have)}; graph.every_n_epochs=1 logs each)"
+                lacking.append(text)
+        missing_params = [f"param {key}" for key in window.params if key not in params]
+        if missing_params:
+            lacking.append("; ".join(missing_params) + unseen_model_hint(window.reference, params))
+        return lacking
 
 
 def fitted_window(

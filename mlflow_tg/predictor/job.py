@@ -280,7 +280,8 @@ def log_predictor_run(
         wins, scores, verdict = versus_champion(
             cfg, champion, dataset, holdout, comparison.predictions, records
         )
-        alias = settle_aliases(client, cfg.registered_model, version, wins)
+        alias, unpromoted = settle_aliases(client, cfg.registered_model, version, wins, champion)
+        verdict += unpromoted
         mlflow.set_tags(
             {
                 keys.MODEL_VERSION: version.version,

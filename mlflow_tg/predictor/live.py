@@ -21,6 +21,7 @@ from mlflow_tg import keys
 from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.describe import note_line
 from mlflow_tg.predictor.endpoint import ask_endpoint
+from mlflow_tg.predictor.registry import FeatureSpec
 from mlflow_tg.predictor.scoring import model_columns
 from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.train.hooks import Epoch
@@ -66,9 +67,11 @@ class LivePrediction:
             version = mlflow.MlflowClient().get_model_version_by_alias(
                 self.cfg.model, self.cfg.alias
             )
-            self.first_epoch = min(int(k) for k in version.tags[keys.KS_TAG].split(","))
+            spec = FeatureSpec.of_version(version)
+            self.first_epoch = min(spec.ks or (spec.k,))  # a version without windows: k alone
             if not self.cfg.endpoint:
-                self.model = mlflow.pyfunc.load_model(uri)
+                # by number: the alias may move to another version between the two reads
+                self.model = mlflow.pyfunc.load_model(f"models:/{self.cfg.model}/{version.version}")
         except Exception as error:
             self.give_up(f"no usable {uri} in the registry ({type(error).__name__}: {error})")
             return False

@@ -6,9 +6,11 @@ import logging
 
 import numpy as np
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from mlflow_tg import keys
+from mlflow_tg.errors import RegistryError
 from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.dataset import Dataset
 from mlflow_tg.predictor.evaluate import quality
@@ -22,8 +24,8 @@ MIN_COMPARED = 3  # held-out runs below which a comparison with the champion mea
 
 def champion_predictions(
     name: str, champion: ModelVersion, spec: FeatureSpec, records: list[RunRecord]
-) -> dict[str, float]:
-    """The champion's predictions for ``records`` by run id, through its pyfunc interface.
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The champion's predictions for ``records`` by run id (as it serves), and why it refused any.
 
     Each run's history is cut after epoch ``k`` of the champion's spec, so that it answers from
     the window its comparison is about (the largest of its windows ≤ k). A champion that cannot
@@ -41,7 +43,8 @@ def champion_predictions(
     answers, refused = answer_each(model, requests)
     if refused:
         log.warning("champion v%s refused %d runs: %s", champion.version, len(refused), refused)
-    return dict(zip(answers[keys.RUN_ID], answers[keys.ANSWER].astype(float), strict=True))
+    predicted = zip(answers[keys.RUN_ID], answers[keys.ANSWER].astype(float), strict=True)
+    return dict(predicted), refused
 
 
 def shared_holdout(
@@ -80,13 +83,21 @@ def versus_champion(
         shared, split = shared_holdout(dataset, holdout, current, spec, champion.version)
         held = [run for run in records if run.run_id in shared]
         # loaded even when too few runs are shared: one that cannot answer runs is replaced
-        incumbent = champion_predictions(cfg.registered_model, champion, spec, held)
-    except Exception as error:  # a version that cannot be loaded cannot serve either
+        incumbent, refused = champion_predictions(cfg.registered_model, champion, spec, held)
+    except (RegistryError, MlflowException) as error:  # one that cannot load cannot serve
         log.warning("champion v%s cannot score runs: %s", champion.version, error)
         verdict = (
             f"champion v{champion.version} cannot be used ({type(error).__name__}: {error}); a "
             "champion that cannot be loaded or cannot answer runs cannot serve either, so the "
             "new version replaces it"
+        )
+        return True, {}, verdict
+    if refused and not incumbent:
+        reason = next(iter(refused.values()))
+        verdict = (
+            f"champion v{champion.version} refused all {len(refused)} runs held out under both "
+            f"{split} (for example: {reason}); a champion that cannot answer the runs this "
+            "store holds cannot serve them, so the new version replaces it"
         )
         return True, {}, verdict
     ids = dataset.run_ids(holdout)

@@ -168,9 +168,28 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
 
 
 def settle_aliases(
-    client: MlflowClient, name: str, version: ModelVersion, beats_champion: bool
-) -> str:
-    """Give the new version ``champion`` when it wins (or is the first), else ``challenger``."""
+    client: MlflowClient,
+    name: str,
+    version: ModelVersion,
+    beats_champion: bool,
+    compared: ModelVersion | None,
+) -> tuple[str, str]:
+    """``champion`` for the new version if it beat ``compared`` (or is the first), else challenger.
+
+    Returns the alias, and why the champion's was not taken ("" when it was). The champion is
+    read again first: another predictor job may have moved the alias while this one fitted, and
+    a version compared with an older champion must not demote the newer one unseen. (MLflow has
+    no compare-and-set on aliases: a move between this read and the write is not caught.)
+    """
+    why = ""
+    if beats_champion:
+        now = version_by_alias(client, name, CHAMPION)
+        if now is not None and (compared is None or now.version != compared.version):
+            beats_champion = False
+            why = (
+                f"; not promoted: the champion moved to v{now.version} while this version was "
+                "fitted, and it was not compared with that one (fit again to compare)"
+            )
     alias = CHAMPION if beats_champion else CHALLENGER
     client.set_registered_model_alias(name, alias, version.version)
-    return alias
+    return alias, why

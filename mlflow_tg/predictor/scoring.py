@@ -91,5 +91,6 @@ def answer_each(
                 raise
             refused[run_id] = error.message
     log.warning("the model refused %d of %d runs", len(refused), len(requests))
-    frame = pd.concat(answers, ignore_index=True) if answers else pd.DataFrame()
-    return frame, refused
+    if not answers:
+        return pd.DataFrame(columns=[keys.RUN_ID, keys.ANSWER]), refused
+    return pd.concat(answers, ignore_index=True), refused
