@@ -99,7 +99,9 @@ HOLDOUT_SEED_TAG, HOLDOUT_FRACTION_TAG = "mlflow_tg.holdout_seed", "mlflow_tg.ho
 MODEL_VERSION, ALIAS = "mlflow_tg.model_version", "mlflow_tg.alias"
 COMPARISON, WIDTH_TRANSFER = "mlflow_tg.comparison", "mlflow_tg.width_transfer"
 SETS_CHOICE = "mlflow_tg.feature_sets_choice"  # why the registered version uses its feature set
-COMPARISON_PREFIX = "comparison/"
+# the comparison with the champion: both scores, and on how many held-out runs
+COMPARED_CANDIDATE, COMPARED_CHAMPION = "comparison/candidate", "comparison/champion"
+COMPARED_RUNS = "comparison/runs"
 # The predictor run's artifacts: tables (parquet), figures, and its training set as a dataset.
 QUALITY_TABLE, TRAINING_TABLE, IMPORTANCE_TABLE = "quality", "training_table", "feature_importance"
 SCATTER_FIGURE, IMPORTANCE_FIGURE = "predicted_vs_actual.png", "feature_importance.png"

@@ -91,7 +91,7 @@ class GraphCapture:
         run.log_table(layers, keys.layer_table_path(epoch))
         if self.cfg.save_graph:
             save_graph(self.builder.graph, epoch, run)
-        self.trajectory.append({"epoch": epoch, **metrics})
+        self.trajectory.append({keys.EPOCH: epoch, **metrics})
         # not a tg.* key: timing is not a property of the network, so no predictor feature
         return metrics | {keys.CAPTURE_TIME: time.perf_counter() - start}
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from mlflow_tg.graph.summaries import DEPTH_BUCKETS
-from mlflow_tg.keys import graph_metric
+from mlflow_tg.keys import EPOCH, graph_metric
 
 GLOBAL_LINES = ("mean", "std", "q90", "max", "gini")
 DEPTH_LINES = tuple(f"depth{bucket}.mean" for bucket in range(DEPTH_BUCKETS))
@@ -28,7 +28,7 @@ def trajectory_figure(
     their value at the first capture (epoch 0, the initialisation) they share one axis and show
     what training changed. Top row: global statistics; bottom row: mean per depth quartile.
     """
-    epochs = [row["epoch"] for row in trajectory]
+    epochs = [row[EPOCH] for row in trajectory]
     figure, axes = plt.subplots(
         2, len(centralities), figsize=(4 * len(centralities), 6), squeeze=False, sharex=True
     )

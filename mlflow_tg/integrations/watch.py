@@ -41,7 +41,7 @@ class EpochRunLogger(RunLogger):
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log ``metrics`` at ``step=epoch``; merge them into the last row if it is this epoch."""
-        if not self.history or self.history[-1]["epoch"] != epoch:
+        if not self.history or self.history[-1][keys.EPOCH] != epoch:
             super().log_epoch(epoch, metrics)
             return
         finite = finite_metrics(metrics)

@@ -74,7 +74,7 @@ def set_name(sets: str | Iterable[str]) -> str:
 def by_epoch(history: Sequence[Mapping[str, float]]) -> dict[int, Mapping[str, float]]:
     """History rows keyed by epoch, graph keys of older runs in today's form."""
     return {
-        int(row["epoch"]): {upgrade_graph_key(key): value for key, value in row.items()}
+        int(row[keys.EPOCH]): {upgrade_graph_key(key): value for key, value in row.items()}
         for row in history
     }
 

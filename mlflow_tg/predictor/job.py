@@ -292,7 +292,7 @@ def log_predictor_run(
             }
         )
         mlflow.log_metrics(
-            {f"{keys.COMPARISON_PREFIX}{key}": value for key, value in scores.items()}
+            scores
             | {keys.coverage_metric(predictor.nominal): coverage[cfg.k]}
             | {keys.coverage_metric(predictor.nominal, k): value for k, value in coverage.items()}
             | {keys.widening_metric(k): w.widen for k, w in predictor.windows.items()}

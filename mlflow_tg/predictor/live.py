@@ -46,7 +46,7 @@ class LivePrediction:
             return
         if epoch.number < self.first_epoch:
             return
-        rows = [*epoch.history, {"epoch": epoch.number, **epoch.metrics}]
+        rows = [*epoch.history, {keys.EPOCH: epoch.number, **epoch.metrics}]
         try:
             answer = self.ask(model_input(rows, self.params, run.run_id)).iloc[0]
             self.last = answer

@@ -121,11 +121,15 @@ def score_against(
             f"not compared: only {len(common)} runs held out under both {split} can be scored "
             f"by both (at least {MIN_COMPARED} needed); the champion stays"
         )
-        return False, {"runs": float(len(common))}, verdict
+        return False, {keys.COMPARED_RUNS: float(len(common))}, verdict
     y = np.array([actual[run] for run in common])
     new = quality(y, np.array([candidate[run] for run in common]))[cfg.selection_metric]
     old = quality(y, np.array([incumbent[run] for run in common]))[cfg.selection_metric]
-    scores = {"candidate": new, "champion": old, "runs": float(len(common))}
+    scores = {
+        keys.COMPARED_CANDIDATE: new,
+        keys.COMPARED_CHAMPION: old,
+        keys.COMPARED_RUNS: float(len(common)),
+    }
     verdict = (
         f"{cfg.selection_metric} {new:.4f} vs champion v{version} {old:.4f} on the "
         f"{len(common)} runs held out under both {split}"

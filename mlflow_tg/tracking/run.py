@@ -246,7 +246,7 @@ class RunLogger:
         """Log finite metrics at ``step=epoch`` in one call and rewrite ``history.parquet``."""
         finite = finite_metrics(metrics)
         self.log_metrics(finite, epoch)
-        self.history.append({"epoch": epoch, **finite})
+        self.history.append({keys.EPOCH: epoch, **finite})
         self.log_table(pl.DataFrame(self.history, infer_schema_length=None), keys.HISTORY)
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:
