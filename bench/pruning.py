@@ -1,7 +1,7 @@
 """Replay a sweep through pruning policies: compute spent against the best run found.
 
     python bench/pruning.py [--tracking-uri sqlite:///mlflow.db] [--experiment offgrid]
-        [--model models:/NAME@ALIAS] [--orders 10] [--figure PATH]
+        [--model models:/NAME@ALIAS] [--orders 10] [--figure PATH] [--choose-on population]
 
 Takes the finished runs of a population the predictor was not fitted on (default: the
 ``offgrid`` sweep, ``make offgrid``), and replays them as a sequential sweep in several random
@@ -19,6 +19,12 @@ For each it prints the share of epochs trained, the regret (best final test accu
 jobs that trained their whole budget minus the best of the population, in points; 0 is best)
 and the recall of the population's top 10%, averaged over the orders, and draws compute against
 regret (``--figure``, by default ``bench/figures/pruning.png``, the README's).
+
+``--choose-on POPULATION`` picks ``prune.quantile`` the way a user can before a new sweep: it
+replays the version's held-out runs of the population it was fitted on (configurations it never
+saw) at each quantile of ``CHOICES``, takes the least compute that meets the target there
+(regret ≤ 0.5 points, top-10% recall ≥ 0.9), and adds that setting to the replay of
+``--experiment``. Nothing of ``--experiment`` enters the choice.
 """
 
 from __future__ import annotations
@@ -39,14 +45,19 @@ import numpy as np
 import optuna
 import pandas as pd
 from mlflow import MlflowClient
+from out_of_population import usable
 
 from mlflow_tg import keys
 from mlflow_tg.predictor.answering import model_input
+from mlflow_tg.predictor.registry import FeatureSpec
 from mlflow_tg.prune.policies import MedianPolicy, Policy, PredictedPolicy, RunView
 from mlflow_tg.tracking.runs import load_runs
 
 FIGURE = Path(__file__).parent / "figures" / "pruning.png"
 ORDERS = 10
+# --choose-on: the settings tried on held-out runs, and the target a choice must meet there
+CHOICES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+TARGET_REGRET, TARGET_RECALL = 0.5, 0.9
 
 
 @dataclass
@@ -77,6 +88,25 @@ def load_jobs(client: MlflowClient, experiment: str, model_uri: str) -> list[Job
         for r in load_runs(client, experiment)
         if r.history and keys.TARGET in r.metrics and r.tags.get(keys.PRUNED) != "true"
     ]
+    return jobs_of(records, model_uri)
+
+
+def held_out_jobs(client: MlflowClient, population: str, model_uri: str) -> list[Job]:
+    """The runs of ``population`` that the version was fitted without (its recorded split)."""
+    name, _, which = model_uri.removeprefix("models:/").partition("@")
+    if which:
+        version = client.get_model_version_by_alias(name, which)
+    else:
+        name, _, number = name.partition("/")
+        version = client.get_model_version(name, number)
+    spec = FeatureSpec.of_version(version)
+    records = usable(load_runs(client, population), spec.k)
+    held = spec.holdout.rows([r.group for r in records])
+    return jobs_of([r for r, h in zip(records, held, strict=True) if h], model_uri)
+
+
+def jobs_of(records: list, model_uri: str) -> list[Job]:
+    """The replayable jobs among ``records``, with the version's predictions by epoch."""
     model = mlflow.pyfunc.load_model(model_uri)
     jobs = []
     for record in records:
@@ -191,6 +221,12 @@ def outcome(order: list[Job], trained: list[int]) -> Outcome:
     )
 
 
+def ours(quantile: float, warmup: int = 5) -> Callable[[list[Job]], list[int]]:
+    """``prune=predicted`` at one setting, as a replay."""
+    policy = PredictedPolicy(quantile=quantile, warmup=warmup)
+    return lambda order: replay_policy(policy, order)
+
+
 def policies() -> dict[str, Callable[[list[Job]], list[int]]]:
     """Every policy of the comparison, by name."""
     found: dict[str, Callable[[list[Job]], list[int]]] = {
@@ -198,8 +234,7 @@ def policies() -> dict[str, Callable[[list[Job]], list[int]]]:
     }
     for quantile in (0.5, 0.75, 0.9):
         for warmup in (5, 10):
-            policy = PredictedPolicy(quantile=quantile, warmup=warmup)
-            found[f"ours q={quantile} warmup={warmup}"] = lambda o, p=policy: replay_policy(p, o)
+            found[f"ours q={quantile} warmup={warmup}"] = ours(quantile, warmup)
     found["median rule (prune=median)"] = lambda o: replay_policy(MedianPolicy(warmup=5), o)
     pruners = {
         "optuna MedianPruner": lambda: optuna.pruners.MedianPruner(n_startup_trials=5),
@@ -227,26 +262,60 @@ def main() -> None:
     parser.add_argument("--model", default=f"models:/{keys.REGISTERED_MODEL}@{keys.CHAMPION}")
     parser.add_argument("--orders", type=int, default=ORDERS)
     parser.add_argument("--figure", type=Path, default=FIGURE, help="where to draw the figure")
+    parser.add_argument(
+        "--choose-on",
+        metavar="POPULATION",
+        help="first pick prune.quantile on the version's held-out runs of POPULATION (the "
+        "experiment it was fitted on), then replay that choice beside the others",
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow.set_tracking_uri(args.tracking_uri)
     logging.getLogger("mlflow.models.utils").setLevel(logging.ERROR)  # extra history columns
-    jobs = load_jobs(MlflowClient(), args.experiment, args.model)
+    client = MlflowClient()
+    compared = policies()
+    if args.choose_on:
+        held = held_out_jobs(client, args.choose_on, args.model)
+        print(f"choosing prune.quantile on the version's held-out runs of {args.choose_on!r}:")
+        tried = replay_all({f"ours q={q} warmup=5": ours(q) for q in CHOICES}, held, args.orders)
+        quantile = choose(dict(zip(CHOICES, tried, strict=True)))
+        compared[f"ours q={quantile} (chosen on held-out)"] = ours(quantile)
+        print()
+    jobs = load_jobs(client, args.experiment, args.model)
+    draw(replay_all(compared, jobs, args.orders), args.figure)
+
+
+def replay_all(
+    named: dict[str, Callable[[list[Job]], list[int]]], jobs: list[Job], orders: int
+) -> list[tuple[str, float, float, float]]:
+    """Each policy over the same random job orders: its compute, regret and recall, printed."""
     best = max(job.final for job in jobs)
     rng = np.random.default_rng(0)
-    orders = [list(rng.permutation(np.array(jobs, dtype=object))) for _ in range(args.orders)]
-    print(f"{len(jobs)} runs of {args.experiment!r}, {args.orders} random job orders, "
-          f"best final test accuracy {best:.4f}")  # fmt: skip
+    shuffled = [list(rng.permutation(np.array(jobs, dtype=object))) for _ in range(orders)]
+    print(f"{len(jobs)} runs, {orders} random job orders, best final test accuracy {best:.4f}")
     print(f"{'policy':36s} {'epochs':>7s} {'regret (points)':>16s} {'top-10% recall':>15s}")
     rows = []
-    for name, replay in policies().items():
-        results = [outcome(order, replay(order)) for order in orders]
+    for name, replay in named.items():
+        results = [outcome(order, replay(order)) for order in shuffled]
         share = np.mean([r.epochs / r.budget for r in results])
         regret = np.mean([100 * (r.best_found - best) for r in results])
         recall = np.mean([r.top_recall for r in results])
         rows.append((name, share, regret, recall))
         print(f"{name:36s} {share:7.1%} {regret:16.2f} {recall:15.2f}")
-    draw(rows, args.figure)
+    return rows
+
+
+def choose(tried: dict[float, tuple[str, float, float, float]]) -> float:
+    """The quantile of least compute meeting the target on the runs replayed, else the lowest."""
+    meeting = {
+        q: share
+        for q, (_, share, regret, recall) in tried.items()
+        if -regret <= TARGET_REGRET and recall >= TARGET_RECALL
+    }
+    chosen = min(meeting, key=meeting.get) if meeting else min(tried)
+    print(f"chosen: prune.quantile={chosen} ({'meets' if meeting else 'none meets'} the target: "
+          f"regret <= {TARGET_REGRET} points, top-10% recall >= {TARGET_RECALL})")  # fmt: skip
+    return chosen
 
 
 def draw(rows: list[tuple[str, float, float, float]], path: Path) -> None:
