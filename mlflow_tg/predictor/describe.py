@@ -11,6 +11,16 @@ PREFIX = "predicted test accuracy "  # what the prediction's line starts with
 BREAK = "  \n"  # a line break in the description's markdown
 
 
+def predicted_metrics(answer: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics logged to the run (at step = the window used, or the epoch when live)."""
+    return {
+        keys.PREDICTED: float(answer[keys.ANSWER]),
+        keys.PREDICTED_LOW: float(answer[keys.ANSWER_LOW]),
+        keys.PREDICTED_HIGH: float(answer[keys.ANSWER_HIGH]),
+        keys.PREDICTED_OOD: float(bool(answer[keys.ANSWER_OOD])),
+    }
+
+
 def note_line(answer: Mapping[str, Any]) -> str:
     """The prediction in one line of the run's MLflow description."""
     line = (

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from mlflow_tg import keys
 from mlflow_tg.predictor.answering import model_input
-from mlflow_tg.predictor.describe import note_line
+from mlflow_tg.predictor.describe import note_line, predicted_metrics
 from mlflow_tg.predictor.endpoint import ask_endpoint
 from mlflow_tg.predictor.registry import FeatureSpec
 from mlflow_tg.predictor.scoring import model_columns
@@ -53,12 +53,7 @@ class LivePrediction:
         except Exception as error:  # a prediction is advice: training goes on without it
             self.give_up(f"the predictor could not score this run ({error})")
             return
-        epoch.metrics |= {
-            keys.PREDICTED: float(answer[keys.ANSWER]),
-            keys.PREDICTED_LOW: float(answer[keys.ANSWER_LOW]),
-            keys.PREDICTED_HIGH: float(answer[keys.ANSWER_HIGH]),
-            keys.PREDICTED_OOD: float(bool(answer[keys.ANSWER_OOD])),
-        }
+        epoch.metrics |= predicted_metrics(answer)
 
     def load(self) -> bool:
         """Find the registered version (and load it, unless an endpoint serves it)."""

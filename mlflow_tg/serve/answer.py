@@ -40,16 +40,6 @@ def known_answer(
     }
 
 
-def predicted_metrics(answer: Mapping[str, Any]) -> dict[str, float]:
-    """The metrics logged to the run (at step = the window used)."""
-    return {
-        keys.PREDICTED: float(answer[keys.ANSWER]),
-        keys.PREDICTED_LOW: float(answer[keys.ANSWER_LOW]),
-        keys.PREDICTED_HIGH: float(answer[keys.ANSWER_HIGH]),
-        keys.PREDICTED_OOD: float(bool(answer[keys.ANSWER_OOD])),
-    }
-
-
 def describe(run_id: str, answer: Mapping[str, Any], source: str) -> str:
     """The answer in two lines (one for a diverged run's known accuracy)."""
     point, low, high = answer[keys.ANSWER], answer[keys.ANSWER_LOW], answer[keys.ANSWER_HIGH]

@@ -22,9 +22,9 @@ from typing import Any
 
 from mlflow_tg import keys
 from mlflow_tg.errors import Refusal, RegistryError
-from mlflow_tg.predictor.describe import with_note
+from mlflow_tg.predictor.describe import predicted_metrics, with_note
 from mlflow_tg.predictor.endpoint import EndpointError
-from mlflow_tg.serve.answer import KNOWN, describe, known_answer, predicted_metrics
+from mlflow_tg.serve.answer import KNOWN, describe, known_answer
 from mlflow_tg.serve.rest import TrackingServerError
 from mlflow_tg.serve.stores import MlflowStore, Store, answer_here, open_store
 from mlflow_tg.tracking.commands import COMMANDS as TRACKING_COMMANDS
