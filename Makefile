@@ -93,11 +93,12 @@ predictor: setup
 	$(PY) -m mlflow_tg.predictor
 
 serve: setup
-	MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve \
+	MLFLOW_TRACKING_URI=sqlite:///mlflow.db MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false mlflow models serve \
 	  -m "models:/tg-performance-predictor@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
 
 # make predict RUN=<run id> [ENDPOINT=http://127.0.0.1:5001]
 predict: setup
+	@test -n "$(RUN)" || { echo "make predict needs the run: make predict RUN=<run id> [ENDPOINT=http://127.0.0.1:5001] (a run id from the MLflow UI: make ui)" >&2; exit 2; }
 	$(PY) -m mlflow_tg.serve.cli predict --run-id "$(RUN)" $(if $(ENDPOINT),--endpoint $(ENDPOINT))
 
 # Opens on the runs when the URL says so: the UI of MLflow 3.17 defaults to its GenAI views.

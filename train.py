@@ -31,8 +31,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)["test_acc"]
     except InputError as error:  # bad input: no run was created
-        if not multirun:
-            log.error("%s", error)
+        if not multirun:  # one paragraph, as the values Hydra refuses while composing
+            print(error, file=sys.stderr)
             sys.exit(2)
         SWEEP["refused"] += 1
         log.error("job %s refused, the multirun goes on: %s", HydraConfig.get().job.num, error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,15 @@ def job(store: dict[str, str], experiment: str, *overrides: str):
     return store_job(store, experiment, "model=mlp", "width=3", *overrides)
 
 
-def test_live_predictions_are_logged_each_epoch_and_equal_mlflow_tg_predict(population, champion):
-    result = train(job(population, "live", "predict=champion"))
+def test_live_predictions_are_logged_each_epoch_and_equal_mlflow_tg_predict(
+    population, champion, caplog
+):
+    with caplog.at_level(logging.INFO, logger="mlflow_tg.predictor.live"):
+        result = train(job(population, "live", "predict=champion"))
+    printed = [m for r in caplog.records if "predicted test accuracy" in (m := r.getMessage())]
+    # on the console once per new answer: each window's, and not again past the last (k=3)
+    assert [line.split(":")[0] for line in printed] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert printed[2].startswith("epoch 3: predicted test accuracy 0.") and "**" not in printed[2]
     client = MlflowClient(population["uri"])
     run_id = result["run_id"]
     live = {m.step: m.value for m in client.get_metric_history(run_id, keys.PREDICTED)}

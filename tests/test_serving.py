@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -405,6 +406,40 @@ def test_cli_names_an_unknown_run_and_a_missing_model(population, run_id, tmp_pa
     command = ("predict", "--run-id", run_id, "--tracking-uri", population["uri"])
     result = mlflow_tg(*command, "--model", "no-such-model")
     assert result.returncode == 2 and "has no model 'no-such-model'" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_asks_an_endpoint_even_when_the_runs_store_has_no_registered_version(
+    endpoint, population, run_id
+):
+    command = ("predict", "--run-id", run_id, "--tracking-uri", population["uri"])
+    result = mlflow_tg(*command, "--model", "not-registered-here", "--endpoint", endpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (expected,) = in_process(population, requested(population, run_id)).to_dict("records")
+    assert f"{expected['predicted_test_acc']:.4f}" in result.stdout  # sent the whole history
+    tag = MlflowClient(population["uri"]).get_run(run_id).data.tags["mlflow_tg.predicted_by"]
+    assert tag == f"the model served at {endpoint}"
+
+
+def test_cli_names_an_address_that_cannot_be_right_at_once(tmp_path):
+    missing = tmp_path / "no" / "mlflow.db"
+    result = mlflow_tg("predict", "--run-id", "r", "--tracking-uri", f"sqlite:///{missing}")
+    assert result.returncode == 2
+    assert f"no tracking store there ({missing} does not exist)" in result.stderr
+    assert not missing.parent.exists()  # no empty store created in its place
+    server = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = mlflow_tg("predict", "--run-id", "r", "--tracking-uri", server)
+    assert time.monotonic() - started < 30  # MLflow's client would retry for minutes
+    assert result.returncode == 2
+    assert f"--tracking-uri {server}: no MLflow tracking server answers there" in result.stderr
+    store = tmp_path / "mlflow.db"
+    store.touch()
+    result = mlflow_tg("predict", "--run-id", "r", "--tracking-uri", f"sqlite:///{store}",
+                       "--endpoint", "127.0.0.1:5001")  # fmt: skip
+    assert result.returncode == 2
+    assert "--endpoint '127.0.0.1:5001' is not a URL: give its scheme, for example " \
+           "http://127.0.0.1:5001" in result.stderr  # fmt: skip
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ of the ``tracking.experiment`` experiment.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -374,6 +375,8 @@ def log_artifacts(
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predictor")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
+    # one progress bar per run's history read would bury the job's own log (set it to see them)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         fit_predictor(cfg)
     except (ConfigError, RunNotFoundError, RegistryError) as error:

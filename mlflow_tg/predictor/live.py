@@ -39,6 +39,7 @@ class LivePrediction:
         self.first_epoch: int | None = None  # None until the model is found; then min(ks)
         self.disabled = False
         self.last: Any = None  # the latest answer, for the run's description
+        self.shown: str | None = None  # the latest answer printed
 
     def on_epoch(self, epoch: Epoch, run: RunLogger) -> None:
         """Predict from epochs 0..now and add the answer to the epoch's metrics."""
@@ -49,10 +50,14 @@ class LivePrediction:
         rows = [*epoch.history, {keys.EPOCH: epoch.number, **epoch.metrics}]
         try:
             answer = self.ask(model_input(rows, self.params, run.run_id)).iloc[0]
-            self.last = answer
         except Exception as error:  # a prediction is advice: training goes on without it
             self.give_up(f"the predictor could not score this run ({error})")
             return
+        line = note_line(answer).replace("**", "")  # the description's markdown, as plain text
+        if line != self.shown:  # printed when it changes: past the last window it repeats
+            log.info("epoch %d: %s", epoch.number, line)
+            self.shown = line
+        self.last = answer
         epoch.metrics |= predicted_metrics(answer)
 
     def load(self) -> bool:

@@ -30,6 +30,7 @@ from mlflow_tg.serve.stores import MlflowStore, Store, answer_here, open_store
 from mlflow_tg.tracking.commands import COMMANDS as TRACKING_COMMANDS
 from mlflow_tg.tracking.commands import add_commands as add_tracking_commands
 from mlflow_tg.tracking.commands import run_command as run_tracking_command
+from mlflow_tg.tracking.health import unanswered
 from mlflow_tg.tracking.quiet import quiet
 from mlflow_tg.tracking.records import (
     RunNotFoundError,
@@ -38,6 +39,7 @@ from mlflow_tg.tracking.records import (
     Unsupported,
     Version,
 )
+from mlflow_tg.tracking.sqlite import SCHEME, sqlite_path
 
 # The embedded store of conf/tracking/local.yaml, where train.py logs by default.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -92,15 +94,57 @@ def answer_for(args: argparse.Namespace, store: Store) -> tuple[RunRecord, dict[
     answer = known_answer(run.run_id, run.tags, run.metrics, run.history)
     if answer is not None:
         return run, answer, KNOWN
-    version = store.version(args.model, args.alias)
-    rows = window_rows(run, version)
     if args.endpoint:
-        from mlflow_tg.predictor.endpoint import post_request
-        from mlflow_tg.serve.rest import history_request
+        return run, *ask_served(args, store, run)
+    version = store.version(args.model, args.alias)
+    return run, answer_here(store, version, run, window_rows(run, version)), f"{version} in process"
 
-        (answer,) = post_request(args.endpoint, history_request(rows, run.params, run.run_id))
-        return run, answer, f"{version} via {args.endpoint}"
-    return run, answer_here(store, version, run, rows), f"{version} in process"
+
+def ask_served(args: argparse.Namespace, store: Store, run: RunRecord) -> tuple[dict, str]:
+    """The endpoint's answer, and what answered.
+
+    The registered version, where the run's store has it, says how many epochs to send; an
+    endpoint serves without it, and then gets the whole history (the model reads its windows).
+    """
+    from mlflow_tg.predictor.endpoint import post_request
+    from mlflow_tg.serve.rest import history_request
+
+    try:
+        version = store.version(args.model, args.alias)
+        rows, source = window_rows(run, version), f"{version} via {args.endpoint}"
+    except RegistryError:
+        rows, source = run.history, f"the model served at {args.endpoint}"
+    (answer,) = post_request(args.endpoint, history_request(rows, run.params, run.run_id))
+    return answer, source
+
+
+def check_addresses(args: argparse.Namespace) -> None:
+    """StoreError or EndpointError, at once, for an address that cannot be right.
+
+    A tracking server that does not answer ``/health`` within seconds (MLflow's client would
+    retry it for minutes), a ``sqlite:///`` file that does not exist (MLflow would create an
+    empty store there), an endpoint that is not an ``http(s)://`` URL.
+    """
+    uri = args.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        why = unanswered(uri)
+        if why is not None:
+            raise StoreError(
+                f"--tracking-uri {uri}: no MLflow tracking server answers there ({why}). Start "
+                "it (make server-start), or point --tracking-uri (or MLFLOW_TRACKING_URI) at a "
+                "running one."
+            )
+    elif uri.startswith(SCHEME) and "?" not in uri and not sqlite_path(uri).is_file():
+        raise StoreError(
+            f"--tracking-uri {uri}: no tracking store there ({sqlite_path(uri)} does not "
+            "exist). train.py logs to sqlite:///mlflow.db in the folder it runs in: run the "
+            "command there, or give that file's URI (sqlite:////absolute/path/mlflow.db)."
+        )
+    if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
+        raise EndpointError(
+            f"--endpoint {args.endpoint!r} is not a URL: give its scheme, for example "
+            f"http://{args.endpoint.removeprefix('//')} (the address `make serve` prints)."
+        )
 
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,6 +152,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
 
     Through the store of the tracking URI, or MLflow's client where that store gives way.
     """
+    check_addresses(args)
     store = open_store(args.tracking_uri, args.endpoint, args.verbose)
     try:
         run, answer, source = answer_for(args, store)

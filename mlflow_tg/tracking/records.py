@@ -40,7 +40,7 @@ class RunRecord:
 
 
 class StoreError(LookupError):
-    """A store that could not be written, with nothing written."""
+    """A store that cannot be reached or written (nothing written), or is not where it is said."""
 
 
 class Unsupported(Exception):

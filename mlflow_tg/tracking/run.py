@@ -29,7 +29,6 @@ from typing import Any
 
 import mlflow
 import polars as pl
-import requests
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import RunStatus
@@ -44,12 +43,12 @@ from omegaconf import DictConfig
 from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
 from mlflow_tg.errors import ConfigError
+from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered
 from mlflow_tg.tracking.spool import Spool, now_iso, server_answers
 
 log = logging.getLogger(__name__)
 MAX_TAG_LENGTH = 5000
 ALREADY_EXISTS = ErrorCode.Name(RESOURCE_ALREADY_EXISTS)
-SERVER_PROBE_S = 10.0  # how long a tracking server that does not answer /health is waited for
 SPOOL_DIR = "spool"  # in a Hydra job's output folder: the run's journal of writes
 # A scheduler's SIGTERM leaves seconds before its SIGKILL (SLURM's KillWait: 30 s): a run being
 # killed waits at most this long for an absent server before it leaves its writes on disk.
@@ -152,33 +151,17 @@ def shown_uri(uri: str) -> str:
 def check_tracking_server(uri: str, timeout_s: float = SERVER_PROBE_S) -> None:
     """ConfigError unless the tracking server at ``uri`` answers ``/health`` within ``timeout_s``.
 
-    Any HTTP answer below 500 counts (a server behind authentication answers 401). TLS follows
-    MLflow's own settings (``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``).
+    TLS follows MLflow's own settings (``MLFLOW_TRACKING_INSECURE_TLS``,
+    ``MLFLOW_TRACKING_SERVER_CERT_PATH``).
     """
-    verify: bool | str = True
-    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-        verify = False
-    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-        verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
-    health = f"{uri.rstrip('/')}/health"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            answer = requests.get(health, timeout=max(0.5, min(3.0, left)), verify=verify)
-            if answer.status_code < 500:
-                return
-            why = f"{health} answers HTTP {answer.status_code}"
-        except requests.RequestException as error:
-            why = f"{type(error).__name__} on {health}"
-        if time.monotonic() + 1 > deadline:
-            break
-        time.sleep(1)
+    why = unanswered(uri, timeout_s)
+    if why is None:
+        return
     raise ConfigError(
-        f"tracking.uri={shown_uri(uri)!r}: no MLflow tracking server answers there ({why}, "
-        f"{timeout_s:.0f} s). Start it (make server-start: PostgreSQL and mlflow server on "
-        "http://127.0.0.1:5000, the address of tracking=server), point tracking.uri at a "
-        "running one, or train on the embedded store: tracking=local."
+        f"tracking.uri={shown_uri(uri)!r}: no MLflow tracking server answers there ({why}). "
+        "Start it (make server-start: PostgreSQL and mlflow server on http://127.0.0.1:5000, "
+        "the address of tracking=server), point tracking.uri at a running one, or train on "
+        "the embedded store: tracking=local."
     )
 
 

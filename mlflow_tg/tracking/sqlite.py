@@ -62,6 +62,11 @@ DELETED = "Deleted_Internal"  # the stage of a model version MLflow has deleted
 LATEST = "latest"  # an alias MLflow resolves itself: the newest version
 
 
+def sqlite_path(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI, relative to here as SQLAlchemy takes it."""
+    return Path(url2pathname(uri[len(SCHEME) :]))
+
+
 def local_path(uri: str | None) -> Path:
     """The local folder of an artifact URI (``file:`` or a plain path); Unsupported otherwise.
 
@@ -114,7 +119,7 @@ class SqliteStore:
         reason = mlflow_settings_unsupported(uri)
         if reason:
             raise Unsupported(reason)
-        path = Path(url2pathname(uri[len(SCHEME) :]))  # relative to here, as SQLAlchemy takes it
+        path = sqlite_path(uri)
         if not path.is_file():
             raise Unsupported(f"{path} does not exist yet")
         return cls(path, uri)
