@@ -276,28 +276,35 @@ def test_checksums_on_or_files_without_pickles_do_not_warn(tmp_path, caplog):
     assert "unpickles" not in caplog.text
 
 
-def test_ending_a_run_is_retried_while_the_store_is_busy(monkeypatch):
+def test_ending_a_run_is_retried_while_the_store_is_busy(monkeypatch, tmp_path):
+    import mlflow
     from mlflow.entities import RunStatus
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
     import mlflow_tg.tracking.run as tracked
 
-    calls = []
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("busy")
+    real, calls = MlflowClient.set_terminated, []
 
-    def busy_twice(status):
+    def busy_twice(self, run_id, status=None, end_time=None):  # as a sweep-mate's write would
         calls.append(status)
         if len(calls) <= 2:
             raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+        return real(self, run_id, status, end_time)
 
-    monkeypatch.setattr(tracked.mlflow, "end_run", busy_twice)
+    monkeypatch.setattr(MlflowClient, "set_terminated", busy_twice)
     monkeypatch.setattr(tracked.time, "sleep", lambda seconds: None)
-    tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)
-    assert calls == ["KILLED"] * 3
+    run = mlflow.start_run()
+    tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)  # MLflow's own end_run first
+    assert calls == ["KILLED"] * 3 and mlflow.active_run() is None
+    assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
 
-    def refused(status):
+    def refused(self, run_id, status=None, end_time=None):
         raise MlflowException("no such run", error_code=INVALID_PARAMETER_VALUE)
 
-    monkeypatch.setattr(tracked.mlflow, "end_run", refused)
+    monkeypatch.setattr(MlflowClient, "set_terminated", refused)
+    mlflow.start_run()
     with pytest.raises(MlflowException, match="no such run"):  # only a busy store is retried
         tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)

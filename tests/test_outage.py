@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -81,6 +82,13 @@ def wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout
         time.sleep(0.5)
 
 
+def some_epochs_on(client: MlflowClient) -> bool:
+    """Whether the server has the run, with its first epochs."""
+    found = client.get_experiment_by_name("mlflow_tg")
+    runs = [] if found is None else client.search_runs([found.experiment_id])
+    return bool(runs) and "val_acc" in runs[0].data.metrics
+
+
 def server_metrics(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -100,14 +108,7 @@ def test_a_server_outage_mid_run_loses_nothing_and_the_run_finishes(tmp_path: Pa
                  f"tracking.uri={url}", "tracking.drain_timeout_s=300"],
                 cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
-        client = MlflowClient(url)
-
-        def some_epochs_on_the_server() -> bool:
-            found = client.get_experiment_by_name("mlflow_tg")
-            runs = [] if found is None else client.search_runs([found.experiment_id])
-            return bool(runs) and "val_acc" in runs[0].data.metrics
-
-        wait_for(some_epochs_on_the_server, "first epochs", training, log)
+        wait_for(partial(some_epochs_on, MlflowClient(url)), "first epochs", training, log)
         crash(server)
     # Down for good: training goes on to its test evaluation, its writes journaled.
     wait_for(
@@ -133,3 +134,42 @@ def test_a_server_outage_mid_run_loses_nothing_and_the_run_finishes(tmp_path: Pa
     output = log.read_text()
     assert "does not answer" in output and "answers again" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_the_end_waits_for_the_server_journals_the_end_at_once(tmp_path: Path):
+    """A scheduler's time limit during the drain: the run's end reaches the journal within
+    seconds (a SIGKILL follows), and ``mlflow-tg replay`` ends the run with everything."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = mlflow_server_command(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", port)
+    log = tmp_path / "train.log"
+    with running_server(command, f"{url}/health", tmp_path / "server1.log") as server:
+        with open(log, "w") as output:
+            training = subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), "model=mlp", "width=2", "graph=off",
+                 "device=cpu", "num_threads=1", f"epochs={EPOCHS}", "tracking=server",
+                 f"tracking.uri={url}", "tracking.drain_timeout_s=600"],
+                cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                env=os.environ | FAST_FAILING,
+            )  # fmt: skip
+        wait_for(partial(some_epochs_on, MlflowClient(url)), "first epochs", training, log)
+        crash(server)
+    wait_for(
+        lambda: any(keys.TEST_ACC in r.get("values", {}) for r in journal_of(tmp_path)),
+        "training to its end while the server is down", training, log,
+    )  # fmt: skip
+    time.sleep(3)  # in the drain, which would wait 600 s
+    training.terminate()
+    started = time.monotonic()
+    assert training.wait(timeout=60) != 0, log.read_text()[-3000:]
+    assert time.monotonic() - started < 30  # KILLED_DRAIN_S, not drain_timeout_s
+    records = journal_of(tmp_path)
+    assert records[-1]["op"] == "end" and records[-1]["status"] == "FINISHED"  # training was done
+    (folder,) = (tmp_path / "outputs").glob("*/*/spool")
+    with running_server(command, f"{url}/health", tmp_path / "server2.log"):
+        run_id, _ = replay(folder)
+        run = MlflowClient(url).get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert server_metrics(MlflowClient(url), run_id, keys.VAL_ACC) == list(range(EPOCHS + 1))
+        assert server_metrics(MlflowClient(url), run_id, keys.TEST_ACC) == [EPOCHS]

@@ -363,7 +363,6 @@ class TrackingConfig(Checked):
     uri: str = "sqlite:///mlflow.db"
     artifact_root: str | None = None  # used when the experiment is created in a local store
     experiment: str = "mlflow_tg"
-    enabled: bool = True
     heartbeat_s: float = 60.0  # how often a running run renews its mlflow_tg.heartbeat tag
     drain_timeout_s: float = 600.0  # how long a run's end waits for an absent server
 

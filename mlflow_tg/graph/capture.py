@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlflow
 import polars as pl
 from omegaconf import DictConfig
 from torch import nn
@@ -114,4 +113,4 @@ def save_graph(graph, epoch: int, run: RunLogger) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"epoch_{epoch:03d}.gt.gz"
         graph.save(str(path))
-        mlflow.log_artifact(str(path), keys.GRAPH_FILES, run_id=run.run_id)
+        run.log_file(path, f"{keys.GRAPH_FILES}/{path.name}")  # through the spool, as the rest

@@ -44,7 +44,7 @@ from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered
-from mlflow_tg.tracking.spool import Spool, now_iso, server_answers
+from mlflow_tg.tracking.spool import Hurry, Spool, now_iso, server_answers
 
 log = logging.getLogger(__name__)
 MAX_TAG_LENGTH = 5000
@@ -320,9 +320,15 @@ def end_run(guard: SigtermGuard, status: RunStatus, attempts: int = 5) -> None:
     wait: a run left RUNNING because a sweep-mate was writing would be lost to every reader.
     """
     guard.disarm()
+    active, ended = mlflow.active_run(), RunStatus.to_string(status)
+    if active is None:
+        return
     for attempt in range(attempts):
         try:
-            mlflow.end_run(RunStatus.to_string(status))
+            if attempt == 0:
+                mlflow.end_run(ended)
+            else:  # end_run let go of the run before its write failed: end it by id
+                mlflow.MlflowClient().set_terminated(active.info.run_id, ended)
             return
         except MlflowException as error:
             if (
@@ -373,9 +379,11 @@ def finish_run(logger: RunLogger, guard: SigtermGuard, status: RunStatus, timeou
         end_run(guard, status)
         return
     try:
-        delivered = spool.close(status, timeout_s)
-    except BaseException:
-        end_run(guard, status)  # the store refused a write: the run still ends
+        # a SIGTERM while the store is away (a scheduler's time limit) cuts the wait: a SIGKILL
+        # may follow, and the run's end must be journaled before it
+        delivered = spool.close(status, timeout_s, Hurry(lambda: guard.pending, KILLED_DRAIN_S))
+    except BaseException:  # the store refused a write: the run still ends, and lacks it
+        end_run(guard, RunStatus.FAILED if status == RunStatus.FINISHED else status)
         raise
     if delivered or server_answers(spool.uri):
         end_run(guard, status)

@@ -23,6 +23,8 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from mlflow_tg import keys
+from mlflow_tg.tracking.health import tls_verify
 
 log = logging.getLogger(__name__)
 JOURNAL, DELIVERED, FILES = "journal.jsonl", "delivered", "files"
@@ -58,12 +61,21 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True)
+class Hurry:
+    """When a wait for the store should be cut short (``now()``), and to how many seconds."""
+
+    now: Callable[[], bool]
+    seconds: float
+
+
 def server_answers(uri: str) -> bool:
     """Whether the store can be reached: a local store always, a server when ``/health`` is up."""
     if not uri.startswith(("http://", "https://")):
         return True
     try:
-        return requests.get(f"{uri.rstrip('/')}/health", timeout=2).status_code < 500
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=2, verify=tls_verify())
+        return answer.status_code < 500
     except requests.RequestException:
         return False
 
@@ -189,12 +201,19 @@ class Spool:
             error, self.error = self.error, None
             raise error
 
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until everything journaled is delivered; False after ``timeout_s`` without."""
+    def drain(self, timeout_s: float, hurry: Hurry | None = None) -> bool:
+        """Wait until everything journaled is delivered; False after ``timeout_s`` without.
+
+        Once ``hurry`` says so (a SIGTERM came: a SIGKILL may follow), the wait is cut to its
+        seconds, so that the run's end is journaled in time for ``mlflow-tg replay``.
+        """
         deadline = time.monotonic() + timeout_s
         with self.cond:
             self.cond.notify_all()
             while self.pending and self.error is None and self.thread.is_alive():
+                if hurry is not None and hurry.now():
+                    deadline = min(deadline, time.monotonic() + hurry.seconds)
+                    hurry = None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -202,13 +221,13 @@ class Spool:
         self.raise_refusal()
         return not self.pending
 
-    def close(self, status: RunStatus, timeout_s: float) -> bool:
-        """Drain, stop the courier; True when the store has every record.
+    def close(self, status: RunStatus, timeout_s: float, hurry: Hurry | None = None) -> bool:
+        """Drain (see ``drain``), stop the courier; True when the store has every record.
 
         Otherwise the run's end is journaled too, for ``mlflow-tg replay`` to deliver.
         """
         try:
-            delivered = self.drain(timeout_s)
+            delivered = self.drain(timeout_s, hurry)
         finally:
             with self.cond:
                 self.closing = True
