@@ -93,23 +93,30 @@ def server_metrics(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-@pytest.mark.slow
-def test_a_server_outage_mid_run_loses_nothing_and_the_run_finishes(tmp_path: Path):
-    port, url = free_port(), ""
+def outage_after_first_epochs(tmp_path: Path, drain_s: float):
+    """A real tracking server, a training run against it, and the server crashed once the run
+    has its first epochs there: the server's command, URL, the training process and its log."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = mlflow_server_command(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", port)
-    env = os.environ | FAST_FAILING
     log = tmp_path / "train.log"
     with running_server(command, f"{url}/health", tmp_path / "server1.log") as server:
         with open(log, "w") as output:
             training = subprocess.Popen(
                 [sys.executable, str(ROOT / "train.py"), "model=mlp", "width=2", "graph=off",
                  "device=cpu", "num_threads=1", f"epochs={EPOCHS}", "tracking=server",
-                 f"tracking.uri={url}", "tracking.drain_timeout_s=300"],
-                cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, env=env,
+                 f"tracking.uri={url}", f"tracking.drain_timeout_s={drain_s}"],
+                cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                env=os.environ | FAST_FAILING,
             )  # fmt: skip
         wait_for(partial(some_epochs_on, MlflowClient(url)), "first epochs", training, log)
         crash(server)
+    return command, url, training, log
+
+
+@pytest.mark.slow
+def test_a_server_outage_mid_run_loses_nothing_and_the_run_finishes(tmp_path: Path):
+    command, url, training, log = outage_after_first_epochs(tmp_path, drain_s=300)
     # Down for good: training goes on to its test evaluation, its writes journaled.
     wait_for(
         lambda: any(keys.TEST_ACC in r.get("values", {}) for r in journal_of(tmp_path)),
@@ -140,21 +147,7 @@ def test_a_server_outage_mid_run_loses_nothing_and_the_run_finishes(tmp_path: Pa
 def test_a_sigterm_while_the_end_waits_for_the_server_journals_the_end_at_once(tmp_path: Path):
     """A scheduler's time limit during the drain: the run's end reaches the journal within
     seconds (a SIGKILL follows), and ``mlflow-tg replay`` ends the run with everything."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = mlflow_server_command(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", port)
-    log = tmp_path / "train.log"
-    with running_server(command, f"{url}/health", tmp_path / "server1.log") as server:
-        with open(log, "w") as output:
-            training = subprocess.Popen(
-                [sys.executable, str(ROOT / "train.py"), "model=mlp", "width=2", "graph=off",
-                 "device=cpu", "num_threads=1", f"epochs={EPOCHS}", "tracking=server",
-                 f"tracking.uri={url}", "tracking.drain_timeout_s=600"],
-                cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
-                env=os.environ | FAST_FAILING,
-            )  # fmt: skip
-        wait_for(partial(some_epochs_on, MlflowClient(url)), "first epochs", training, log)
-        crash(server)
+    command, url, training, log = outage_after_first_epochs(tmp_path, drain_s=600)
     wait_for(
         lambda: any(keys.TEST_ACC in r.get("values", {}) for r in journal_of(tmp_path)),
         "training to its end while the server is down", training, log,
