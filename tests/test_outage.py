@@ -57,6 +57,40 @@ def test_a_spool_left_undelivered_is_replayed_once(client: MlflowClient, tmp_pat
     assert replay(tmp_path / "spool") == (run_id, 0)  # delivered once: nothing twice
 
 
+def test_a_spool_folder_reused_by_a_new_run_keeps_the_earlier_journal_apart(
+    client: MlflowClient, tmp_path: Path
+):
+    experiment = client.create_experiment("tests")
+    first, second = (client.create_run(experiment).info.run_id for _ in "ab")
+    folder = tmp_path / "spool"  # a fixed hydra.run.dir: both runs' spool is here
+    earlier = Spool(folder, first, client.tracking_uri)
+    earlier.append("metrics", step=0, values={"val_acc": 0.1})
+    assert earlier.close(RunStatus.FINISHED, timeout_s=0) is False  # left for replay
+    later = Spool(folder, second, client.tracking_uri)
+    later.append("metrics", step=0, values={"val_acc": 0.9})
+    assert later.close(RunStatus.FINISHED, timeout_s=0) is False
+    assert read_journal(folder)[0]["run_id"] == second
+    assert replay(tmp_path / f"spool.{first}") == (first, 2)  # its own run, whole
+    assert replay(folder) == (second, 2)
+    assert [m.value for m in client.get_metric_history(first, "val_acc")] == [0.1]
+    assert [m.value for m in client.get_metric_history(second, "val_acc")] == [0.9]
+
+
+def test_replay_goes_past_an_artifact_removed_once_delivered(client: MlflowClient, tmp_path):
+    run_id = client.create_run(client.create_experiment("tests")).info.run_id
+    spool = Spool(tmp_path / "spool", run_id, client.tracking_uri)
+    table = tmp_path / "history.parquet"
+    pl.DataFrame({"epoch": [0]}).write_parquet(table)
+    spool.add_file(table, None)
+    spool.append("metrics", step=0, values={"val_acc": 0.5})
+    spool.close(RunStatus.FINISHED, timeout_s=0)
+    _, records, _ = read_journal(tmp_path / "spool")
+    (tmp_path / "spool" / records[0]["file"]).unlink()  # the process died after sending it
+    assert replay(tmp_path / "spool") == (run_id, 3)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["val_acc"] == 0.5
+
+
 def test_replay_names_a_folder_that_is_no_spool(tmp_path: Path, capsys):
     from mlflow_tg.serve.cli import main
 
@@ -65,6 +99,28 @@ def test_replay_names_a_folder_that_is_no_spool(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and str(tmp_path) in err and JOURNAL in err
     assert "Traceback" not in err
+
+
+def test_replay_names_a_server_that_is_down_and_a_write_the_store_refuses(
+    client: MlflowClient, tmp_path: Path, capsys
+):
+    from mlflow_tg.serve.cli import main
+
+    run_id = client.create_run(client.create_experiment("tests")).info.run_id
+    spool = Spool(tmp_path / "spool", run_id, client.tracking_uri)
+    spool.append("metrics", step=0, values={"val_acc": 0.5})
+    spool.close(RunStatus.FINISHED, timeout_s=0)
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay", str(tmp_path / "spool"), "--tracking-uri", down])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"no MLflow tracking server answers at {down}" in err
+    client.delete_run(run_id)  # the store now refuses every write to it
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay", str(tmp_path / "spool")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"refused record 1 (metrics) of run {run_id}" in err
+    assert "0 of the journal's 2 records are delivered" in err and "Traceback" not in err
 
 
 def journal_of(folder: Path) -> list[dict]:

@@ -348,6 +348,16 @@ def test_the_lightning_callback_logs_to_an_mlflow_logger_run_under_other_names(s
     assert table["epoch"].to_list() == [0, 1, 2]
     assert table[keys.TRAIN_LOSS].null_count() == 1 and table[keys.VAL_LOSS].null_count() == 0
     assert table["tg.strength/mean"].null_count() == 0
+    # validated every other epoch: the epochs without validation get no val_loss, not a stale one
+    logger = MLFlowLogger(experiment_name="lightning-every-2", tracking_uri=tracking_uri)
+    callback = GraphCaptureCallback(example_input=x[:4], names=callback.names, threads=1)
+    trainer = L.Trainer(
+        max_epochs=3, check_val_every_n_epoch=2, logger=logger, callbacks=[callback],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Classifier(), data, data)
+    val_loss = history(store, logger.run_id)[keys.VAL_LOSS].to_list()
+    assert [value is not None for value in val_loss] == [True, False, True, False]
 
 
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="needs the lightning extra")

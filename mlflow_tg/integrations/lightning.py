@@ -22,6 +22,7 @@ from mlflow_tg.integrations.watch import Watcher, watch
 
 EPOCH_METRICS = (keys.TRAIN_LOSS, keys.TRAIN_ACC, keys.VAL_LOSS, keys.VAL_ACC)
 VAL_METRICS = (keys.VAL_LOSS, keys.VAL_ACC)
+TRAIN_METRICS = (keys.TRAIN_LOSS, keys.TRAIN_ACC)
 TEST_METRICS = (keys.TEST_LOSS, keys.TEST_ACC)
 
 
@@ -46,6 +47,7 @@ class GraphCaptureCallback(pl.Callback):
         self.example_input, self.run_id, self.graph = example_input, run_id, graph
         self.names = dict(names or {})
         self.watcher: Watcher | None = None
+        self.validated: int | None = None  # the epoch whose validation metrics Lightning holds
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Trace the module's graph before any epoch: an unsupported network stops here."""
@@ -82,8 +84,16 @@ class GraphCaptureCallback(pl.Callback):
         rate the epoch trained with, as in ``train.py``.
         """
         if self.watcher is not None and not trainer.sanity_checking:
-            metrics = self.epoch_metrics(trainer, EPOCH_METRICS)
+            # Lightning keeps the last validation's values: an epoch it did not validate
+            # (check_val_every_n_epoch > 1) gets none, not the epoch before's
+            validated = self.validated == trainer.current_epoch
+            metrics = self.epoch_metrics(trainer, EPOCH_METRICS if validated else TRAIN_METRICS)
             self.watcher.log_epoch(trainer.current_epoch + 1, metrics)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note which epoch the validation metrics are of."""
+        if not trainer.sanity_checking:
+            self.validated = trainer.current_epoch
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``test_loss`` and ``test_acc`` at the last epoch logged."""

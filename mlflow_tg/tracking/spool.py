@@ -41,7 +41,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from mlflow_tg import keys
-from mlflow_tg.tracking.health import tls_verify
+from mlflow_tg.tracking.health import tls_verify, unanswered
 
 log = logging.getLogger(__name__)
 JOURNAL, DELIVERED, FILES = "journal.jsonl", "delivered", "files"
@@ -123,9 +123,12 @@ def deliver(client: MlflowClient, run_id: str, group: list[dict[str, Any]], fold
     first = group[0]
     if first["op"] == "artifact":
         replaced = any(r["op"] == "artifact" and target(r) == target(first) for r in later)
-        if not replaced:
-            client.log_artifact(run_id, str(folder / first["file"]), first["dir"])
-        shutil.rmtree(folder / Path(first["file"]).parent, ignore_errors=True)
+        path = folder / first["file"]
+        if not replaced and path.exists():
+            client.log_artifact(run_id, str(path), first["dir"])
+        elif not replaced:  # removed once delivered, before the count of delivered was written
+            log.warning("%s is gone from the spool: delivered before, not sent again", path)
+        shutil.rmtree(path.parent, ignore_errors=True)
         return
     if first["op"] == "end":
         client.set_terminated(run_id, first["status"], end_time=first["time"])
@@ -142,6 +145,26 @@ def deliver(client: MlflowClient, run_id: str, group: list[dict[str, Any]], fold
     client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
+def set_aside(folder: Path) -> None:
+    """Move an earlier run's spool out of ``folder`` (a fixed ``hydra.run.dir``, a requeued job).
+
+    Its journal stays whole for ``mlflow-tg replay``, as ``<folder>.<its run id>``; appending
+    to it would send this run's writes to that run.
+    """
+    if not (folder / JOURNAL).exists():
+        return
+    try:
+        earlier = json.loads((folder / JOURNAL).read_text().splitlines()[0])["run_id"]
+    except (OSError, IndexError, ValueError, KeyError):
+        earlier = f"unknown-{time.time_ns()}"
+    kept = folder.with_name(f"{folder.name}.{earlier}")
+    if kept.exists():
+        kept = folder.with_name(f"{kept.name}-{time.time_ns()}")
+    folder.rename(kept)
+    log.warning("%s held an earlier run's spool: moved to %s (mlflow-tg replay reads it there)",
+                folder, kept)  # fmt: skip
+
+
 class Spool:
     """The journal of one run and its courier thread (``start`` it, ``close`` it at the end)."""
 
@@ -149,12 +172,10 @@ class Spool:
         self.folder, self.run_id, self.uri = folder, run_id, uri
         self.heartbeat_s = heartbeat_s
         self.client = MlflowClient(uri)
+        set_aside(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        journal = folder / JOURNAL
-        fresh = not journal.exists()
-        self.journal = open(journal, "a")  # noqa: SIM115  closed by close()
-        if fresh:
-            self.write({"op": "run", "run_id": run_id, "uri": uri})
+        self.journal = open(folder / JOURNAL, "a")  # noqa: SIM115  closed by close()
+        self.write({"op": "run", "run_id": run_id, "uri": uri})
         self.seq = 0
         self.pending: deque[dict[str, Any]] = deque()
         self.delivered = 0
@@ -288,7 +309,10 @@ class Spool:
             self.delivered += len(group)
             self.cond.notify_all()
         if group:
-            (self.folder / DELIVERED).write_text(str(self.delivered))
+            try:
+                (self.folder / DELIVERED).write_text(str(self.delivered))
+            except OSError as error:  # a full disk: delivery goes on; a replay may send twice
+                log.warning("cannot note the delivered count in %s: %s", self.folder, error)
 
     def giving_up(self, error: BaseException, failures: int) -> bool:
         """After a failed delivery: wait to retry (True: the store refused it for good)."""
@@ -333,12 +357,25 @@ def read_journal(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], in
 def replay(folder: Path, uri: str | None = None) -> tuple[str, int]:
     """Deliver what a spool folder's store does not have yet; (run id, records delivered)."""
     header, records, delivered = read_journal(folder)
-    client = MlflowClient(uri or header["uri"])
+    uri = uri or header["uri"]
+    why = unanswered(uri) if uri.startswith(("http://", "https://")) else None
+    if why is not None:
+        raise SpoolError(f"no MLflow tracking server answers at {uri} ({why}): start it, then "
+                         f"replay {folder} again.")  # fmt: skip
+    client = MlflowClient(uri)
     left = records[delivered:]
     done = 0
     for group in batches(left):
         done += len(group)
-        deliver(client, header["run_id"], group, folder, left[done:])
+        try:
+            deliver(client, header["run_id"], group, folder, left[done:])
+        except MlflowException as error:
+            raise SpoolError(
+                f"the store {uri} refused record {group[0]['seq']} ({group[0]['op']}) of run "
+                f"{header['run_id']}: {error.message[:500]}. {delivered} of the journal's "
+                f"{len(records)} records are delivered; replay {folder} again once the store "
+                "accepts it."
+            ) from None
         delivered += len(group)
         (folder / DELIVERED).write_text(str(delivered))
     return header["run_id"], len(left)
