@@ -100,9 +100,12 @@ def held_out_jobs(client: MlflowClient, population: str, model_uri: str) -> list
         name, _, number = name.partition("/")
         version = client.get_model_version(name, number)
     spec = FeatureSpec.of_version(version)
+    if spec.holdout is None:
+        raise SystemExit(f"{model_uri} has no held-out split in its tags: nothing to choose on")
     records = usable(load_runs(client, population), spec.k)
     held = spec.holdout.rows([r.group for r in records])
-    return jobs_of([r for r, h in zip(records, held, strict=True) if h], model_uri)
+    chosen = [r for r, h in zip(records, held, strict=True) if h]
+    return jobs_of(chosen, f"models:/{name}/{version.version}")  # the version read above
 
 
 def jobs_of(records: list, model_uri: str) -> list[Job]:

@@ -284,8 +284,9 @@ def test_ending_a_run_is_retried_while_the_store_is_busy(monkeypatch, tmp_path):
 
     import mlflow_tg.tracking.run as tracked
 
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("busy")
+    experiment = MlflowClient().create_experiment("busy")
     real, calls = MlflowClient.set_terminated, []
 
     def busy_twice(self, run_id, status=None, end_time=None):  # as a sweep-mate's write would
@@ -296,15 +297,18 @@ def test_ending_a_run_is_retried_while_the_store_is_busy(monkeypatch, tmp_path):
 
     monkeypatch.setattr(MlflowClient, "set_terminated", busy_twice)
     monkeypatch.setattr(tracked.time, "sleep", lambda seconds: None)
-    run = mlflow.start_run()
-    tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)  # MLflow's own end_run first
-    assert calls == ["KILLED"] * 3 and mlflow.active_run() is None
-    assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+    try:
+        run = mlflow.start_run(experiment_id=experiment)
+        tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)  # MLflow's own end_run first
+        assert calls == ["KILLED"] * 3 and mlflow.active_run() is None
+        assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
 
-    def refused(self, run_id, status=None, end_time=None):
-        raise MlflowException("no such run", error_code=INVALID_PARAMETER_VALUE)
+        def refused(self, run_id, status=None, end_time=None):
+            raise MlflowException("no such run", error_code=INVALID_PARAMETER_VALUE)
 
-    monkeypatch.setattr(MlflowClient, "set_terminated", refused)
-    mlflow.start_run()
-    with pytest.raises(MlflowException, match="no such run"):  # only a busy store is retried
-        tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)
+        monkeypatch.setattr(MlflowClient, "set_terminated", refused)
+        mlflow.start_run(experiment_id=experiment)
+        with pytest.raises(MlflowException, match="no such run"):  # only a busy store retries
+            tracked.end_run(tracked.SigtermGuard(), RunStatus.KILLED)
+    finally:
+        mlflow.set_tracking_uri(previous)

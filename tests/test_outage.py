@@ -74,6 +74,10 @@ def test_a_spool_folder_reused_by_a_new_run_keeps_the_earlier_journal_apart(
     assert replay(folder) == (second, 2)
     assert [m.value for m in client.get_metric_history(first, "val_acc")] == [0.1]
     assert [m.value for m in client.get_metric_history(second, "val_acc")] == [0.9]
+    third = client.create_run(experiment).info.run_id
+    Spool(folder, third, client.tracking_uri).close(RunStatus.FINISHED, timeout_s=0)
+    assert not (tmp_path / f"spool.{second}").exists()  # delivered: removed, not kept
+    assert read_journal(folder)[0]["run_id"] == third
 
 
 def test_replay_goes_past_an_artifact_removed_once_delivered(client: MlflowClient, tmp_path):
@@ -115,6 +119,11 @@ def test_replay_names_a_server_that_is_down_and_a_write_the_store_refuses(
         main(["replay", str(tmp_path / "spool"), "--tracking-uri", down])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"no MLflow tracking server answers at {down}" in err
+    with pytest.raises(SystemExit) as exit_:  # a mistyped store: MLflow would create it
+        main(["replay", str(tmp_path / "spool"), "--tracking-uri", f"sqlite:///{tmp_path}/x.db"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"({tmp_path}/x.db does not exist)" in err
+    assert not (tmp_path / "x.db").exists()
     client.delete_run(run_id)  # the store now refuses every write to it
     with pytest.raises(SystemExit) as exit_:
         main(["replay", str(tmp_path / "spool")])

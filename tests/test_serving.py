@@ -409,10 +409,12 @@ def test_cli_names_an_unknown_run_and_a_missing_model(population, run_id, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("through_server", [False, True])
 def test_cli_asks_an_endpoint_even_when_the_runs_store_has_no_registered_version(
-    endpoint, population, run_id
+    tracking, endpoint, population, run_id, through_server
 ):
-    command = ("predict", "--run-id", run_id, "--tracking-uri", population["uri"])
+    uri = tracking if through_server else population["uri"]
+    command = ("predict", "--run-id", run_id, "--tracking-uri", uri)
     result = mlflow_tg(*command, "--model", "not-registered-here", "--endpoint", endpoint)
     assert result.returncode == 0, result.stderr[-3000:]
     (expected,) = in_process(population, requested(population, run_id)).to_dict("records")

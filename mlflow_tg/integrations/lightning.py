@@ -51,6 +51,7 @@ class GraphCaptureCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Trace the module's graph before any epoch: an unsupported network stops here."""
+        self.validated = None
         example = self.example_input
         if example is None:
             example = pl_module.example_input_array

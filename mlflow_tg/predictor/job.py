@@ -73,6 +73,7 @@ AUTO = "auto"  # feature_sets: register the compared set that ranks held-out run
 
 
 MIN_RUNS = 8
+MIN_SIDE = 3  # held-out runs, and fitting runs, below which a model cannot be fitted and checked
 
 
 def check_predictor_config(cfg: DictConfig) -> None:
@@ -155,11 +156,11 @@ def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
     compared = compared_sets(cfg)
     dataset = build_dataset(records, cfg.k, dataset_sets(compared))
     holdout = Holdout(cfg.holdout_fraction, cfg.seed).rows(dataset.groups)
-    if dataset.frame.height < MIN_RUNS or min(holdout.sum(), (~holdout).sum()) < 3:
+    if dataset.frame.height < MIN_RUNS or min(holdout.sum(), (~holdout).sum()) < MIN_SIDE:
         raise RunNotFoundError(
             f"experiment {cfg.source_experiment!r} has {dataset.frame.height} usable runs "
             f"({int(holdout.sum())} held out), too few to fit and evaluate a predictor (at least "
-            f"{MIN_RUNS}, 3 on each side); left out: {dataset.left_out or 'none'}."
+            f"{MIN_RUNS}, {MIN_SIDE} on each side); left out: {dataset.left_out or 'none'}."
         )
     comparison = compare(dataset, cfg, holdout, compared, next(iter(requested_sets(cfg)), None))
     log.info("%d runs, %d held out; left out: %s", dataset.frame.height, int(holdout.sum()),
@@ -204,11 +205,11 @@ def fit_windows(
         if k != cfg.k:
             data = build_dataset(records, k, registered)
             held = split.rows(data.groups)
-            if min(held.sum(), (~held).sum()) < 3:
+            if min(held.sum(), (~held).sum()) < MIN_SIDE:
                 raise RunNotFoundError(
                     f"window k={k} of ks has {data.frame.height} usable runs ({int(held.sum())} "
-                    "held out), too few to fit and check a model (3 on each side); left out: "
-                    f"{data.left_out or 'none'}. Drop it from ks."
+                    f"held out), too few to fit and check a model ({MIN_SIDE} on each side); "
+                    f"left out: {data.left_out or 'none'}. Drop it from ks."
                 )
             columns = [
                 column

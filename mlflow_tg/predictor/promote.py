@@ -92,7 +92,7 @@ def versus_champion(
             "new version replaces it"
         )
         return True, {}, verdict
-    if refused and not incumbent:
+    if len(refused) >= MIN_COMPARED and not incumbent:
         reason = next(iter(refused.values()))
         verdict = (
             f"champion v{champion.version} refused all {len(refused)} runs held out under both "

@@ -39,7 +39,7 @@ from mlflow_tg.tracking.records import (
     Unsupported,
     Version,
 )
-from mlflow_tg.tracking.sqlite import SCHEME, sqlite_path
+from mlflow_tg.tracking.sqlite import missing_store
 
 # The embedded store of conf/tracking/local.yaml, where train.py logs by default.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -134,11 +134,11 @@ def check_addresses(args: argparse.Namespace) -> None:
                 "it (make server-start), or point --tracking-uri (or MLFLOW_TRACKING_URI) at a "
                 "running one."
             )
-    elif uri.startswith(SCHEME) and "?" not in uri and not sqlite_path(uri).is_file():
+    elif (missing := missing_store(uri)) is not None:
         raise StoreError(
-            f"--tracking-uri {uri}: no tracking store there ({sqlite_path(uri)} does not "
-            "exist). train.py logs to sqlite:///mlflow.db in the folder it runs in: run the "
-            "command there, or give that file's URI (sqlite:////absolute/path/mlflow.db)."
+            f"--tracking-uri {uri}: no tracking store there ({missing} does not exist). "
+            "train.py logs to sqlite:///mlflow.db in the folder it runs in: run the command "
+            "there, or give that file's URI (sqlite:////absolute/path/mlflow.db)."
         )
     if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
         raise EndpointError(

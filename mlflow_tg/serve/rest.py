@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -24,6 +25,9 @@ from mlflow_tg.predictor.endpoint import cell
 from mlflow_tg.tracking.records import RunRecord, Version, no_version
 
 API = "/api/2.0/mlflow"
+
+
+MISSING = re.compile(r": HTTP (404|400) from ")  # the registry lacks the model or the alias
 
 
 class TrackingServerError(LookupError):
@@ -89,10 +93,15 @@ class Server:
 
     def version(self, model: str, alias: str) -> Version:
         """The model version an alias names (its artifacts are the endpoint's concern)."""
-        what = str(no_version(self.uri, model, alias))
+        missing = no_version(self.uri, model, alias)
         params = {"name": model, "alias": alias}
         path = f"{API}/registered-models/alias"
-        found = self.call("GET", path, what, params=params).json()["model_version"]
+        try:
+            found = self.call("GET", path, str(missing), params=params).json()["model_version"]
+        except TrackingServerError as error:
+            if MISSING.search(str(error)):  # 404 no such model; 400 no such alias
+                raise missing from None
+            raise
         tags = {tag["key"]: tag["value"] for tag in found.get("tags", [])}
         return Version(model, int(found["version"]), tags)
 

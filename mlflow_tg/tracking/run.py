@@ -306,7 +306,7 @@ class SigtermGuard:
         self.pending = True
         if self.armed and first:
             raise Terminated(signum)
-        log.warning("SIGTERM again: the run is being ended first")
+        log.warning("SIGTERM%s: the run is being ended first", "" if first else " again")
 
     def disarm(self) -> None:
         """From now on a SIGTERM is only noted."""
@@ -382,7 +382,10 @@ def finish_run(logger: RunLogger, guard: SigtermGuard, status: RunStatus, timeou
         # a SIGTERM while the store is away (a scheduler's time limit) cuts the wait: a SIGKILL
         # may follow, and the run's end must be journaled before it
         delivered = spool.close(status, timeout_s, Hurry(lambda: guard.pending, KILLED_DRAIN_S))
-    except BaseException:  # the store refused a write: the run still ends, and lacks it
+    except (KeyboardInterrupt, Terminated):  # interrupted while waiting: ends as it was to
+        end_run(guard, status)
+        raise
+    except BaseException:  # the store refused a write for good: the run ends, and lacks it
         end_run(guard, RunStatus.FAILED if status == RunStatus.FINISHED else status)
         raise
     if delivered or server_answers(spool.uri):

@@ -42,6 +42,7 @@ from mlflow.protos.databricks_pb2 import (
 
 from mlflow_tg import keys
 from mlflow_tg.tracking.health import tls_verify, unanswered
+from mlflow_tg.tracking.sqlite import missing_store
 
 log = logging.getLogger(__name__)
 JOURNAL, DELIVERED, FILES = "journal.jsonl", "delivered", "files"
@@ -146,17 +147,22 @@ def deliver(client: MlflowClient, run_id: str, group: list[dict[str, Any]], fold
 
 
 def set_aside(folder: Path) -> None:
-    """Move an earlier run's spool out of ``folder`` (a fixed ``hydra.run.dir``, a requeued job).
+    """Clear ``folder`` of an earlier run's spool (a fixed ``hydra.run.dir``, a requeued job).
 
-    Its journal stays whole for ``mlflow-tg replay``, as ``<folder>.<its run id>``; appending
-    to it would send this run's writes to that run.
+    Appending to its journal would send this run's writes to that run. A delivered one is
+    removed; one the store lacks part of is moved, whole, to ``<folder>.<its run id>`` for
+    ``mlflow-tg replay``.
     """
     if not (folder / JOURNAL).exists():
         return
     try:
-        earlier = json.loads((folder / JOURNAL).read_text().splitlines()[0])["run_id"]
-    except (OSError, IndexError, ValueError, KeyError):
-        earlier = f"unknown-{time.time_ns()}"
+        header, records, delivered = read_journal(folder)
+        earlier = header["run_id"]
+    except (OSError, ValueError, KeyError, SpoolError):
+        earlier, records, delivered = f"unknown-{time.time_ns()}", [None], 0
+    if delivered >= len(records):
+        shutil.rmtree(folder)
+        return
     kept = folder.with_name(f"{folder.name}.{earlier}")
     if kept.exists():
         kept = folder.with_name(f"{kept.name}-{time.time_ns()}")
@@ -362,6 +368,9 @@ def replay(folder: Path, uri: str | None = None) -> tuple[str, int]:
     if why is not None:
         raise SpoolError(f"no MLflow tracking server answers at {uri} ({why}): start it, then "
                          f"replay {folder} again.")  # fmt: skip
+    if (missing := missing_store(uri)) is not None:
+        raise SpoolError(f"no tracking store at {uri} ({missing} does not exist): give the "
+                         "store the run was logged to, with --tracking-uri.")  # fmt: skip
     client = MlflowClient(uri)
     left = records[delivered:]
     done = 0

@@ -67,6 +67,14 @@ def sqlite_path(uri: str) -> Path:
     return Path(url2pathname(uri[len(SCHEME) :]))
 
 
+def missing_store(uri: str) -> Path | None:
+    """The missing file of a plain ``sqlite:///`` URI (MLflow would make a store there), or None."""
+    if not uri.startswith(SCHEME) or "?" in uri:
+        return None
+    path = sqlite_path(uri)
+    return None if path.is_file() else path
+
+
 def local_path(uri: str | None) -> Path:
     """The local folder of an artifact URI (``file:`` or a plain path); Unsupported otherwise.
 
