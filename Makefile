@@ -13,7 +13,7 @@ APT_PACKAGES := python3-graph-tool python3-venv chromium fonts-liberation
 PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-slow lint format bench population offgrid hard-population hard-offgrid hard-offgrid2 pruned-sweep predictor serve predict ui clean \
+.PHONY: setup run test test-slow lint format bench population offgrid hard-population hard-offgrid hard-offgrid2 hard-offgrid3 pruned-sweep predictor serve predict ui clean \
 	server-start server-stop server-status bench-scale
 
 setup: $(STAMP)
@@ -88,6 +88,10 @@ hard-offgrid: setup
 # A second, independent sweep off that grid (128 runs): no value shared with the first.
 hard-offgrid2: setup
 	$(PY) train.py -m +experiment=hard_offgrid2 hydra/launcher=joblib hydra.launcher.n_jobs=2
+
+# A third, independent of both (128 runs).
+hard-offgrid3: setup
+	$(PY) train.py -m +experiment=hard_offgrid3 hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 predictor: setup
 	$(PY) -m mlflow_tg.predictor

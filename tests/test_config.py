@@ -118,7 +118,12 @@ def sweep_grid(experiment: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize(
     ("population", "outside"),
-    [("population", "offgrid"), ("hard", "hard_offgrid"), ("hard", "hard_offgrid2")],
+    [
+        ("population", "offgrid"),
+        ("hard", "hard_offgrid"),
+        ("hard", "hard_offgrid2"),
+        ("hard", "hard_offgrid3"),
+    ],
 )
 def test_an_out_of_population_sweep_lies_off_its_population_grid(population, outside):
     trained, scored = sweep_grid(population), sweep_grid(outside)
@@ -132,8 +137,13 @@ def test_an_out_of_population_sweep_lies_off_its_population_grid(population, out
         assert set(scored.get(key, ["?"])) <= set(trained.get(key, ["?"])), key
 
 
-def test_the_two_sweeps_off_the_hard_grid_share_no_value():
-    first, second = sweep_grid("hard_offgrid"), sweep_grid("hard_offgrid2")
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("hard_offgrid", "hard_offgrid2"), ("hard_offgrid", "hard_offgrid3"),
+     ("hard_offgrid2", "hard_offgrid3")],
+)  # fmt: skip
+def test_the_sweeps_off_the_hard_grid_share_no_value(first, second):
+    first, second = sweep_grid(first), sweep_grid(second)
     for key in ("seed", "width", "optimizer.lr", "model.dropout"):
         assert not set(map(float, first[key])) & set(map(float, second[key])), key
     assert not set(map(float, sweep_grid("hard")["model.dropout"])) & set(
