@@ -248,9 +248,13 @@ def test_bad_predictor_config_is_refused_before_reading_runs(tmp_path, override,
     assert not (tmp_path / "x.db").exists()
 
 
-def test_predictor_command_on_an_empty_store_exits_2_naming_the_experiment(tmp_path):
+@pytest.mark.parametrize("store_exists", [False, True])
+def test_predictor_command_on_an_empty_store_exits_2_naming_the_experiment(tmp_path, store_exists):
+    store = tmp_path / "e.db"
+    if store_exists:
+        MlflowClient(f"sqlite:///{store}").search_experiments()  # a store without the runs
     result = subprocess.run(
-        [sys.executable, "-m", "mlflow_tg.predictor", f"tracking.uri=sqlite:///{tmp_path}/e.db"],
+        [sys.executable, "-m", "mlflow_tg.predictor", f"tracking.uri=sqlite:///{store}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -260,6 +264,9 @@ def test_predictor_command_on_an_empty_store_exits_2_naming_the_experiment(tmp_p
     output = result.stdout + result.stderr  # Hydra logs to stdout
     assert "experiment 'population' is not in the tracking store" in output
     assert "Traceback" not in output
+    assert store.exists() == store_exists  # none created where there was none
+    if store_exists:  # and no experiment of its own for a predictor that never ran
+        assert MlflowClient(f"sqlite:///{store}").get_experiment_by_name("tg-predictor") is None
 
 
 @pytest.mark.slow

@@ -64,8 +64,9 @@ from mlflow_tg.predictor.registry import (
     settle_aliases,
     version_by_alias,
 )
-from mlflow_tg.tracking.run import use_tracking
+from mlflow_tg.tracking.run import connect, use_tracking
 from mlflow_tg.tracking.runs import TARGET, RunNotFoundError, RunRecord, load_runs
+from mlflow_tg.tracking.sqlite import missing_store
 
 log = logging.getLogger(__name__)
 SELECTION_METRICS = ("kendall_tau", "spearman", "r2")
@@ -150,7 +151,13 @@ def dataset_sets(compared: list[str]) -> str:
 def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
     """The whole job; returns the quality table, the new version and the alias it got."""
     check_predictor_config(cfg)
-    use_tracking(cfg.tracking)
+    uri = connect(cfg.tracking)
+    if (missing := missing_store(uri)) is not None:  # MLflow would create an empty one
+        raise RunNotFoundError(
+            f"experiment {cfg.source_experiment!r} is not in the tracking store {uri}: "
+            f"{missing} does not exist. Train the runs first (make population), or point "
+            "tracking.uri at the store that holds them."
+        )
     client = MlflowClient()
     records = load_runs(client, cfg.source_experiment)
     compared = compared_sets(cfg)
@@ -162,6 +169,7 @@ def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
             f"({int(holdout.sum())} held out), too few to fit and evaluate a predictor (at least "
             f"{MIN_RUNS}, {MIN_SIDE} on each side); left out: {dataset.left_out or 'none'}."
         )
+    use_tracking(cfg.tracking)  # the predictor's own experiment, once there is a fit to log
     comparison = compare(dataset, cfg, holdout, compared, next(iter(requested_sets(cfg)), None))
     log.info("%d runs, %d held out; left out: %s", dataset.frame.height, int(holdout.sum()),
              dataset.left_out or "none")  # fmt: skip

@@ -83,12 +83,18 @@ def use_tracking(tracking: DictConfig) -> str:
     at once on a store that does not exist yet would race in MLflow's table creation and leave
     the file half-built.
     """
+    uri = connect(tracking)
+    with sqlite_lock(uri):
+        return use_experiment(tracking)
+
+
+def connect(tracking: DictConfig) -> str:
+    """Point MLflow at the configured store, once a tracking server answers; the URI."""
     uri = str(tracking.uri)
     if uri.startswith(("http://", "https://")):
         check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
-    with sqlite_lock(uri):
-        return use_experiment(tracking)
+    return uri
 
 
 def use_experiment(tracking: DictConfig) -> str:
