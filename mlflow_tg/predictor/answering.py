@@ -529,15 +529,17 @@ class RunAnswerer:
         def logged(metric: str, epoch: int) -> bool:
             return metric in column and not math.isnan(values[by_epoch[epoch], column[metric]])
 
-        refusals = {k: self.lacking(self.windows[k], logged, params) for k in ks}
-        answerable = [k for k in ks if not refusals[k]]
-        if not answerable:
-            k = max(ks)
+        largest = None  # what the largest window lacks: the refusal, when none answers
+        for k in sorted(ks, reverse=True):
+            lacking = self.lacking(self.windows[k], logged, params)
+            if not lacking:
+                break
+            largest = largest or (k, lacking)
+        else:
             raise ValueError(
-                f"it lacks what the model of window k={k} (epochs 0..{k}) reads: "
-                + "; ".join(refusals[k])
+                f"it lacks what the model of window k={largest[0]} (epochs 0..{largest[0]}) "
+                "reads: " + "; ".join(largest[1])
             )
-        k = max(answerable)
         window = self.windows[k]
         history = [
             {keys.EPOCH: e}

@@ -64,7 +64,7 @@ from mlflow_tg.predictor.registry import (
     settle_aliases,
     version_by_alias,
 )
-from mlflow_tg.tracking.run import connect, use_tracking
+from mlflow_tg.tracking.run import connect, use_experiment
 from mlflow_tg.tracking.runs import TARGET, RunNotFoundError, RunRecord, load_runs
 from mlflow_tg.tracking.sqlite import missing_store
 
@@ -169,7 +169,7 @@ def fit_predictor(cfg: DictConfig) -> dict[str, Any]:
             f"({int(holdout.sum())} held out), too few to fit and evaluate a predictor (at least "
             f"{MIN_RUNS}, {MIN_SIDE} on each side); left out: {dataset.left_out or 'none'}."
         )
-    use_tracking(cfg.tracking)  # the predictor's own experiment, once there is a fit to log
+    use_experiment(cfg.tracking)  # the predictor's own experiment, once there is a fit to log
     comparison = compare(dataset, cfg, holdout, compared, next(iter(requested_sets(cfg)), None))
     log.info("%d runs, %d held out; left out: %s", dataset.frame.height, int(holdout.sum()),
              dataset.left_out or "none")  # fmt: skip

@@ -45,6 +45,7 @@ from mlflow_tg.config import config_id, flatten
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered
 from mlflow_tg.tracking.spool import Hurry, Spool, now_iso, server_answers
+from mlflow_tg.tracking.sqlite import sqlite_path
 
 log = logging.getLogger(__name__)
 MAX_TAG_LENGTH = 5000
@@ -83,9 +84,8 @@ def use_tracking(tracking: DictConfig) -> str:
     at once on a store that does not exist yet would race in MLflow's table creation and leave
     the file half-built.
     """
-    uri = connect(tracking)
-    with sqlite_lock(uri):
-        return use_experiment(tracking)
+    connect(tracking)
+    return use_experiment(tracking)
 
 
 def connect(tracking: DictConfig) -> str:
@@ -98,7 +98,13 @@ def connect(tracking: DictConfig) -> str:
 
 
 def use_experiment(tracking: DictConfig) -> str:
-    """Find or create the experiment and make it the active one; its id."""
+    """Find or create the experiment (under the store's lock) and make it the active one."""
+    with sqlite_lock(str(tracking.uri)):
+        return found_or_created(tracking)
+
+
+def found_or_created(tracking: DictConfig) -> str:
+    """The experiment's id, created if it is not there yet; it becomes the active one."""
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
@@ -118,14 +124,6 @@ def use_experiment(tracking: DictConfig) -> str:
         experiment_id = mlflow.get_experiment_by_name(tracking.experiment).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative or absolute); None otherwise."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
 
 
 @contextmanager

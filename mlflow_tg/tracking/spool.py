@@ -29,7 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -41,7 +40,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from mlflow_tg import keys
-from mlflow_tg.tracking.health import tls_verify, unanswered
+from mlflow_tg.tracking.health import unanswered
 from mlflow_tg.tracking.sqlite import missing_store
 
 log = logging.getLogger(__name__)
@@ -74,11 +73,7 @@ def server_answers(uri: str) -> bool:
     """Whether the store can be reached: a local store always, a server when ``/health`` is up."""
     if not uri.startswith(("http://", "https://")):
         return True
-    try:
-        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=2, verify=tls_verify())
-        return answer.status_code < 500
-    except requests.RequestException:
-        return False
+    return unanswered(uri, timeout_s=2) is None
 
 
 def refused(error: BaseException) -> bool:

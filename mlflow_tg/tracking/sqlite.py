@@ -62,17 +62,18 @@ DELETED = "Deleted_Internal"  # the stage of a model version MLflow has deleted
 LATEST = "latest"  # an alias MLflow resolves itself: the newest version
 
 
-def sqlite_path(uri: str) -> Path:
-    """The database file of a ``sqlite:///`` URI, relative to here as SQLAlchemy takes it."""
-    return Path(url2pathname(uri[len(SCHEME) :]))
+def sqlite_path(uri: str) -> Path | None:
+    """A ``sqlite:///`` URI's file (relative to here, as SQLAlchemy takes it); else None."""
+    if not uri.startswith(SCHEME):
+        return None
+    path = uri[len(SCHEME) :].split("?", 1)[0]
+    return Path(url2pathname(path)) if path and path != ":memory:" else None
 
 
 def missing_store(uri: str) -> Path | None:
-    """The missing file of a plain ``sqlite:///`` URI (MLflow would make a store there), or None."""
-    if not uri.startswith(SCHEME) or "?" in uri:
-        return None
+    """The missing file of a ``sqlite:///`` URI (MLflow would make a store there), or None."""
     path = sqlite_path(uri)
-    return None if path.is_file() else path
+    return None if path is None or path.is_file() else path
 
 
 def local_path(uri: str | None) -> Path:
@@ -128,7 +129,7 @@ class SqliteStore:
         if reason:
             raise Unsupported(reason)
         path = sqlite_path(uri)
-        if not path.is_file():
+        if path is None or not path.is_file():
             raise Unsupported(f"{path} does not exist yet")
         return cls(path, uri)
 
