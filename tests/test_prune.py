@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow_tg import keys
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.job import train
+from mlflow_tg.prune.hook import MateCurves
 from mlflow_tg.prune.policies import MedianPolicy, PredictedPolicy, RunView
 from tests.conftest import all_runs
 
@@ -87,6 +88,40 @@ def test_a_job_above_its_mates_trains_its_whole_budget_and_says_so(
     assert result["epochs_completed"] == 2
     sweep = {r.data.tags.get(keys.SWEEP) for r in all_runs(client)}
     assert sweep == {"s1"}  # the job joined its mates' sweep
+
+
+def test_mates_curves_are_read_again_only_while_they_can_change(tracking_uri, client, monkeypatch):
+    log_mates(tracking_uri, val_acc=0.5, count=3)
+    with mlflow.start_run(tags={keys.SWEEP: "s1"}) as running:  # a mate still training
+        mlflow.log_metric(keys.VAL_ACC, 0.1, step=0)
+        reads: list[str] = []
+        real_read = client.get_metric_history
+
+        def counted_read(run_id: str, key: str):
+            reads.append(run_id)
+            return real_read(run_id, key)
+
+        monkeypatch.setattr(client, "get_metric_history", counted_read)
+        curves = MateCurves()
+
+        def curves_at(epoch: int) -> dict[str, dict[int, float]]:
+            found = client.search_runs(
+                [running.info.experiment_id], filter_string=f"tags.`{keys.SWEEP}` = 's1'"
+            )
+            return {mate.info.run_id: curves.through(client, mate, epoch) for mate in found}
+
+        assert len(curves_at(1)) == 4 and len(reads) == 4  # each mate read once
+        assert len(curves_at(1)) == 4 and reads[4:] == [running.info.run_id]  # lacks epoch 1
+        mlflow.log_metric(keys.VAL_ACC, 0.2, step=1)
+        assert curves_at(1)[running.info.run_id] == {0: 0.1, 1: 0.2}
+        assert curves_at(1)[running.info.run_id] == {0: 0.1, 1: 0.2}  # cached: has epoch 1
+        assert reads[4:] == [running.info.run_id] * 2
+        finished = [run_id for run_id in reads[:4] if run_id != running.info.run_id]
+        for epoch in (2, 3, 4):
+            assert all(
+                curves_at(epoch)[run_id] == {e: 0.5 for e in range(4)} for run_id in finished
+            )
+        assert set(reads[6:]) == {running.info.run_id}  # the ended mates were never read again
 
 
 @pytest.mark.parametrize("policy", ["median", "predicted"])

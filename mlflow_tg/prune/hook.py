@@ -25,6 +25,32 @@ log = logging.getLogger(__name__)
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
 
+class MateCurves:
+    """Mates' ``val_acc`` curves, each read from the store only when it may have changed.
+
+    The median rule compares every mate at every epoch. Read afresh each time, a sweep of N
+    jobs of E epochs would ask the store for about N² x E histories; here a job reads a
+    mate's history again only when the mate is still running and the cached curve lacks the
+    epoch being decided, so a mate that ended is read once.
+    """
+
+    def __init__(self) -> None:
+        self.cached: dict[str, dict[int, float]] = {}
+        self.ended: set[str] = set()  # curves read after their run ended: they cannot change
+
+    def through(self, client: MlflowClient, mate: Run, epoch: int) -> dict[int, float]:
+        """The mate's curve, complete at least up to ``epoch`` as far as the mate got."""
+        run_id = mate.info.run_id
+        curve = self.cached.get(run_id)
+        if curve is None or (run_id not in self.ended and epoch not in curve):
+            ended = RunStatus.is_terminated(RunStatus.from_string(mate.info.status))
+            history = client.get_metric_history(run_id, keys.VAL_ACC)
+            curve = self.cached[run_id] = {point.step: point.value for point in history}
+            if ended:  # status read before the history: nothing can follow what was read
+                self.ended.add(run_id)
+        return curve
+
+
 def as_view(run: Run, val_acc: dict[int, float] | None = None) -> RunView:
     """What a policy may know of a mate found in the store."""
     metrics, tags = run.data.metrics, run.data.tags
@@ -49,6 +75,7 @@ class SweepPruner:
         self.sweep = sweep  # None: the run's own mlflow_tg.sweep tag (its Hydra multirun)
         self.experiment_id: str | None = None
         self.needs_curves = needs_curves  # the median rule compares val_acc epoch by epoch
+        self.curves = MateCurves()
         self.val_acc: dict[int, float] = {}
         self.warned = False
 
@@ -64,15 +91,15 @@ class SweepPruner:
             predicted=epoch.metrics.get(keys.PREDICTED),
             predicted_high=epoch.metrics.get(keys.PREDICTED_HIGH),
         )
-        reason = self.policy.decide(epoch.number, view, self.mates(run))
+        reason = self.policy.decide(epoch.number, view, self.mates(run, epoch.number))
         if reason:
             run.set_tag(keys.PRUNED, "true")
             run.set_tag(keys.PRUNED_EPOCH, epoch.number)
             run.set_tag(keys.PRUNED_BY, reason)
             epoch.stop = f"pruned, {reason}"
 
-    def mates(self, run: RunLogger) -> list[RunView]:
-        """The other runs of this run's sweep, as the store has them now."""
+    def mates(self, run: RunLogger, epoch: int) -> list[RunView]:
+        """The other runs of this run's sweep, as the store has them after ``epoch``."""
         client = MlflowClient()
         if self.experiment_id is None:  # the run's sweep and experiment do not change: read once
             this = client.get_run(run.run_id)
@@ -90,14 +117,9 @@ class SweepPruner:
             max_results=10_000,
         )
         mates = [mate for mate in found if mate.info.run_id != run.run_id]
-        return [as_view(mate, self.curve(client, mate)) for mate in mates]
-
-    def curve(self, client: MlflowClient, mate: Run) -> dict[int, float] | None:
-        """A mate's val_acc by epoch, when the policy needs it."""
         if not self.needs_curves:
-            return None
-        history = client.get_metric_history(mate.info.run_id, keys.VAL_ACC)
-        return {point.step: point.value for point in history}
+            return [as_view(mate) for mate in mates]
+        return [as_view(mate, self.curves.through(client, mate, epoch)) for mate in mates]
 
     def on_end(self, run: RunLogger) -> None:
         """Nothing to log at the end."""
