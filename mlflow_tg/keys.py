@@ -66,7 +66,11 @@ CAPTURE_SKIPPED = "mlflow_tg.capture_skipped_epochs"
 PREDICTED_BY = "mlflow_tg.predicted_by"
 PRUNED = "pruned"  # "true" when a pruning policy stopped the run, "false" when it let it finish
 PRUNED_EPOCH, PRUNED_BY = "mlflow_tg.pruned_epoch", "mlflow_tg.pruned_by"
-NOTE = "mlflow.note.content"  # MLflow's run description, shown on the run page
+NOTE = "mlflow.note.content"  # MLflow's run description, shown on the run page: markdown lines
+NOTE_BREAK = "  \n"  # markdown: two spaces end a line
+# The start of a prediction's line in a run's description; a description keeps one, the latest
+# (training writes its live prediction there, `mlflow-tg predict` its answer).
+NOTE_PREDICTION = "predicted test accuracy "
 # MLflow's kind of an experiment: its runs view, not the GenAI one. The UI of MLflow 3.17.2 does
 # not read it yet (its workflow switch decides): links add UI_RUNS_VIEW to open on the runs.
 EXPERIMENT_KIND = "mlflow.experimentKind"

@@ -13,12 +13,15 @@ import time
 from functools import partial
 from pathlib import Path
 
+import mlflow
 import polars as pl
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
 from mlflow_tg import keys
+from mlflow_tg.predictor.describe import note_line, with_note
+from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.tracking.spool import JOURNAL, Spool, read_journal, replay
 from tests.conftest import CONF_DIR
 from tests.servers import crash, free_port, mlflow_server_command, running_server
@@ -78,6 +81,56 @@ def test_a_spool_folder_reused_by_a_new_run_keeps_the_earlier_journal_apart(
     Spool(folder, third, client.tracking_uri).close(RunStatus.FINISHED, timeout_s=0)
     assert not (tmp_path / f"spool.{second}").exists()  # delivered: removed, not kept
     assert read_journal(folder)[0]["run_id"] == third
+
+
+def predicted_by_hand(client: MlflowClient, run_id: str, value: float) -> str:
+    """What `mlflow-tg predict` writes in a run's description (its note); returns the line."""
+    answer = {keys.ANSWER: value, keys.ANSWER_LOW: 0.5, keys.ANSWER_HIGH: 0.9, keys.ANSWER_K: 2,
+              keys.ANSWER_OOD: False}  # fmt: skip
+    note = client.get_run(run_id).data.tags.get(keys.NOTE)
+    client.set_tag(run_id, keys.NOTE, with_note(note, answer))
+    return note_line(answer)
+
+
+@pytest.fixture
+def logging_to_client(client: MlflowClient):
+    """MLflow's global tracking URI (where a RunLogger writes) set to the client's store."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.mark.parametrize("spooled", [True, False])
+def test_a_prediction_written_into_a_running_runs_description_is_kept(
+    client: MlflowClient, tmp_path: Path, spooled: bool, logging_to_client
+):
+    run_id = client.create_run(client.create_experiment("tests")).info.run_id
+    logger = RunLogger(run_id)
+    if spooled:  # delivered by replay: its courier never starts
+        logger.spool = Spool(tmp_path / "spool", run_id, client.tracking_uri)
+    logger.describe("resnet, width 8")
+    if spooled:
+        logger.spool.close(RunStatus.RUNNING, timeout_s=0)
+        replay(tmp_path / "spool")
+        logger.spool = Spool(tmp_path / "spool", run_id, client.tracking_uri)
+    theirs = predicted_by_hand(client, run_id, 0.7)
+    logger.describe("completed 10 epochs")
+    if spooled:
+        logger.spool.close(RunStatus.FINISHED, timeout_s=0)
+        replay(tmp_path / "spool")
+    lines = ["resnet, width 8", "completed 10 epochs", theirs]
+    assert client.get_run(run_id).data.tags[keys.NOTE] == keys.NOTE_BREAK.join(lines)
+    ours = note_line({keys.ANSWER: 0.8, keys.ANSWER_LOW: 0.6, keys.ANSWER_HIGH: 1.0,
+                      keys.ANSWER_K: 9, keys.ANSWER_OOD: False})  # fmt: skip
+    if spooled:
+        logger.spool = Spool(tmp_path / "spool", run_id, client.tracking_uri)
+    logger.describe(ours)  # the run's own live prediction, written at its end: the latest
+    if spooled:
+        logger.spool.close(RunStatus.FINISHED, timeout_s=0)
+        replay(tmp_path / "spool")
+    lines[-1] = ours
+    assert client.get_run(run_id).data.tags[keys.NOTE] == keys.NOTE_BREAK.join(lines)
 
 
 def test_replay_goes_past_an_artifact_removed_once_delivered(client: MlflowClient, tmp_path):

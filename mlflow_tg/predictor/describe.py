@@ -7,9 +7,6 @@ from typing import Any
 
 from mlflow_tg import keys
 
-PREFIX = "predicted test accuracy "  # what the prediction's line starts with
-BREAK = "  \n"  # a line break in the description's markdown
-
 
 def predicted_metrics(answer: Mapping[str, Any]) -> dict[str, float]:
     """The metrics logged to the run (at step = the window used, or the epoch when live)."""
@@ -24,7 +21,7 @@ def predicted_metrics(answer: Mapping[str, Any]) -> dict[str, float]:
 def note_line(answer: Mapping[str, Any]) -> str:
     """The prediction in one line of the run's MLflow description."""
     line = (
-        f"{PREFIX}**{float(answer[keys.ANSWER]):.3f}** "
+        f"{keys.NOTE_PREDICTION}**{float(answer[keys.ANSWER]):.3f}** "
         f"[{float(answer[keys.ANSWER_LOW]):.3f}, {float(answer[keys.ANSWER_HIGH]):.3f}] "
         f"from epochs 0..{int(answer[keys.ANSWER_K])}"
     )
@@ -39,5 +36,6 @@ def with_note(note: str | None, answer: Mapping[str, Any]) -> str:
     One line, the latest: a run asked about at every epoch, or again and again, keeps a short
     description, within MLflow's limit on a tag's length.
     """
-    lines = [line for line in (note or "").split(BREAK) if line and not line.startswith(PREFIX)]
-    return BREAK.join([*lines, note_line(answer)])
+    lines = (note or "").split(keys.NOTE_BREAK)
+    kept = [line for line in lines if line and not line.startswith(keys.NOTE_PREDICTION)]
+    return keys.NOTE_BREAK.join([*kept, note_line(answer)])

@@ -44,11 +44,17 @@ from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered
-from mlflow_tg.tracking.spool import Hurry, Spool, now_iso, server_answers
+from mlflow_tg.tracking.spool import (
+    MAX_TAG_LENGTH,
+    Hurry,
+    Spool,
+    merged_note,
+    now_iso,
+    server_answers,
+)
 from mlflow_tg.tracking.sqlite import sqlite_path
 
 log = logging.getLogger(__name__)
-MAX_TAG_LENGTH = 5000
 ALREADY_EXISTS = ErrorCode.Name(RESOURCE_ALREADY_EXISTS)
 SPOOL_DIR = "spool"  # in a Hydra job's output folder: the run's journal of writes
 # A scheduler's SIGTERM leaves seconds before its SIGKILL (SLURM's KillWait: 30 s): a run being
@@ -271,9 +277,19 @@ class RunLogger:
             mlflow.log_artifact(str(path), folder, run_id=self.run_id)
 
     def describe(self, line: str) -> None:
-        """Add a line to the run's description (MLflow's run note, shown on the run page)."""
+        """Add a line to the run's description (MLflow's run note, shown on the run page).
+
+        Lines others added meanwhile (``mlflow-tg predict``'s answer) are kept: the spool's
+        delivery merges them in (``merged_note``), as this does when writing directly.
+        """
         self.note.append(line)
-        self.set_tag(keys.NOTE, "  \n".join(self.note))  # markdown: two spaces break a line
+        own = keys.NOTE_BREAK.join(self.note)
+        if self.spool is not None:
+            self.set_tag(keys.NOTE, own)
+            return
+        client = mlflow.MlflowClient()
+        current = client.get_run(self.run_id).data.tags.get(keys.NOTE)
+        client.set_tag(self.run_id, keys.NOTE, merged_note(own, current))
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a run tag, truncated to a length every MLflow backend accepts."""

@@ -46,6 +46,7 @@ from mlflow_tg.tracking.sqlite import missing_store
 log = logging.getLogger(__name__)
 JOURNAL, DELIVERED, FILES = "journal.jsonl", "delivered", "files"
 MAX_METRICS, MAX_TAGS = 1000, 100  # MLflow's limits on one log_batch request
+MAX_TAG_LENGTH = 5000  # the longest tag value every MLflow backend accepts
 ATTEMPTS = 5  # a store that answers but refuses a write this often has refused it for good
 MAX_BACKOFF_S = 10.0
 REFUSALS = {ErrorCode.Name(c) for c in (INVALID_PARAMETER_VALUE, INVALID_STATE,
@@ -136,9 +137,28 @@ def deliver(client: MlflowClient, run_id: str, group: list[dict[str, Any]], fold
         for key, value in record["values"].items()
     ]
     tags = {r["key"]: r["value"] for r in group if r["op"] == "tag"}  # the last value wins
+    if keys.NOTE in tags:
+        tags[keys.NOTE] = merged_note(
+            tags[keys.NOTE], client.get_run(run_id).data.tags.get(keys.NOTE)
+        )
     if heartbeat:
         tags[keys.HEARTBEAT] = now_iso()
     client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def merged_note(own: str, current: str | None) -> str:
+    """The run's own description, with the lines others wrote there since kept after it.
+
+    Training rewrites its description whole; a prediction that ``mlflow-tg predict`` added to
+    it meanwhile would be lost. The run's own lines only grow, so a line of ``current`` that
+    is not among them was written by someone else. One prediction's line is kept, the run's
+    own when it has one (written at its end, it is the latest).
+    """
+    lines = own.split(keys.NOTE_BREAK)
+    others = [line for line in (current or "").split(keys.NOTE_BREAK) if line and line not in lines]
+    if any(line.startswith(keys.NOTE_PREDICTION) for line in lines):
+        others = [line for line in others if not line.startswith(keys.NOTE_PREDICTION)]
+    return keys.NOTE_BREAK.join([*lines, *others])[:MAX_TAG_LENGTH]
 
 
 def set_aside(folder: Path) -> None:
