@@ -120,6 +120,7 @@ def sweep_grid(experiment: str) -> dict[str, list[str]]:
     ("population", "outside"),
     [
         ("population", "offgrid"),
+        ("population", "offgrid2"),
         ("hard", "hard_offgrid"),
         ("hard", "hard_offgrid2"),
         ("hard", "hard_offgrid3"),
@@ -149,6 +150,12 @@ def test_the_sweeps_off_the_hard_grid_share_no_value(first, second):
     assert not set(map(float, sweep_grid("hard")["model.dropout"])) & set(
         map(float, second["model.dropout"])
     )
+
+
+def test_the_sweeps_off_the_population_grid_share_no_value():
+    first, second = sweep_grid("offgrid"), sweep_grid("offgrid2")
+    for key in ("seed", "width", "optimizer.lr"):
+        assert not set(map(float, first[key])) & set(map(float, second[key])), key
 
 
 def test_every_group_option_is_typed_by_a_schema():
