@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 import sys
 
 import hydra
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from mlflow_tg.config import translate_error
 from mlflow_tg.errors import InputError
 from mlflow_tg.job import train
+from mlflow_tg.tracking import stop
 from mlflow_tg.tracking.run import Terminated
 
 log = logging.getLogger("train")
@@ -28,8 +30,19 @@ def main(cfg: DictConfig) -> float:
     """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     SWEEP["jobs"] += multirun
+    if stop.in_worker():  # a launcher's worker process: SIGTERM (passed on) ends the job alone
+        stop.install()
+    if stop.STOPPING.is_set():
+        log.warning("SIGTERM came: this job does not start (no run)")
+        return float("nan")
     try:
         return train(cfg)["test_acc"]
+    except Terminated:  # the run ended KILLED
+        if not stop.in_worker():
+            raise
+        stop.STOPPING.set()  # returned, not raised: joblib would SIGKILL the other workers
+        log.warning("SIGTERM: the run ended KILLED; this worker starts no more jobs")
+        return float("nan")
     except InputError as error:  # bad input: no run was created
         if not multirun:  # one paragraph, as the values Hydra refuses while composing
             print(error, file=sys.stderr)
@@ -48,6 +61,7 @@ def cli() -> None:
     A multirun with refused jobs exits 2 once its other jobs have run; SIGTERM exits 143.
     """
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    stop.start_launcher()
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as error:
@@ -65,9 +79,17 @@ def cli() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    except Terminated as stop:  # SIGTERM: the run ended KILLED (tracked_run)
-        print(f"train.py: {stop}; the run ended KILLED", file=sys.stderr)
-        sys.exit(stop.exit_code)
+    except Terminated as terminated:  # SIGTERM: the run ended KILLED (tracked_run says how)
+        print(f"train.py: {terminated}; {terminated.outcome}", file=sys.stderr)
+        sys.exit(terminated.exit_code)
+    if stop.STOPPING.is_set():  # SIGTERM between runs, or passed on to a launcher's workers
+        stop.stop_workers()
+        print(
+            "train.py: terminated by SIGTERM; every run that was training ended KILLED, and "
+            "no job started after it",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

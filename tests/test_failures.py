@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow_tg import keys
 from mlflow_tg.errors import InputError
 from mlflow_tg.predictor.dataset import build_dataset
+from mlflow_tg.tracking import stop
 from mlflow_tg.tracking.run import check_tracking_server, sqlite_lock
 from mlflow_tg.tracking.runs import CorruptHistoryError, load_run, load_runs, read_history
 from tests.conftest import CONF_DIR
@@ -141,6 +142,55 @@ def test_sigterm_ends_the_run_killed_and_the_process_with_143(tmp_path: Path):
     assert run.info.status == "KILLED"
     assert run.data.tags[keys.KILLED_BY] == "SIGTERM"
     assert "Traceback" not in output
+
+
+def processes_of_sweep(launcher: int) -> list[int]:
+    """Processes started for the sweep of ``launcher``: they carry its pid in their environment."""
+    mark = f"{stop.SWEEP_PID}={launcher}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_sweep_ends_its_running_runs_killed_and_starts_no_more(tmp_path):
+    """The signal reaches the launching process only (``kill PID``), not its worker processes."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
+         "epochs=100000", "seed=1,2,3,4", f"tracking.uri={uri}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until both workers' runs have logged an epoch
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the runs never started"
+            if (tmp_path / "mlflow.db").exists():
+                with sqlite_lock(uri):
+                    _, runs = runs_of(uri)
+                if len([r for r in runs if "val_acc" in r.data.metrics]) == 2:
+                    break
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "no job started after it" in output and "Traceback" not in output
+    _, runs = runs_of(uri)
+    assert len(runs) == 2  # the two jobs left in the queue never started
+    assert all(r.info.status == "KILLED" for r in runs), [r.info.status for r in runs]
+    assert all(r.data.tags[keys.KILLED_BY] == "SIGTERM" for r in runs)
+    time.sleep(2)
+    assert processes_of_sweep(process.pid) == []  # no worker left training, orphaned
 
 
 # --- B5: a sweep with a job that has a bad value --------------------------------------------

@@ -272,11 +272,17 @@ def test_a_sigterm_while_the_end_waits_for_the_server_journals_the_end_at_once(t
     )  # fmt: skip
     time.sleep(3)  # in the drain, which would wait 600 s
     training.terminate()
-    started = time.monotonic()
-    assert training.wait(timeout=60) != 0, log.read_text()[-3000:]
-    assert time.monotonic() - started < 30  # KILLED_DRAIN_S, not drain_timeout_s
+    try:  # as `docker stop` does: SIGKILL 10 s after SIGTERM
+        code = training.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        training.kill()
+        code = training.wait(timeout=60)
+    assert code != 0, log.read_text()[-3000:]
     records = journal_of(tmp_path)
     assert records[-1]["op"] == "end" and records[-1]["status"] == "FINISHED"  # training was done
+    if code == 143:  # it exited by itself within the 10 s: its last words say what to do
+        last = log.read_text().strip().splitlines()[-1]
+        assert "after the run's last epoch" in last and "mlflow-tg replay" in last, last
     (folder,) = (tmp_path / "outputs").glob("*/*/spool")
     with running_server(command, f"{url}/health", tmp_path / "server2.log"):
         run_id, _ = replay(folder)

@@ -57,9 +57,9 @@ from mlflow_tg.tracking.sqlite import sqlite_path
 log = logging.getLogger(__name__)
 ALREADY_EXISTS = ErrorCode.Name(RESOURCE_ALREADY_EXISTS)
 SPOOL_DIR = "spool"  # in a Hydra job's output folder: the run's journal of writes
-# A scheduler's SIGTERM leaves seconds before its SIGKILL (SLURM's KillWait: 30 s): a run being
-# killed waits at most this long for an absent server before it leaves its writes on disk.
-KILLED_DRAIN_S = 10.0
+# A SIGTERM leaves seconds before the SIGKILL (`docker stop`: 10 s, SLURM's KillWait: 30 s): a
+# run being killed waits at most this long for an absent server before it journals its end.
+KILLED_DRAIN_S = 5.0
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
 
 
@@ -69,6 +69,7 @@ class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception
     def __init__(self, signum: int = signal.SIGTERM) -> None:
         super().__init__(f"terminated by {signal.Signals(signum).name}")
         self.signum = signum
+        self.outcome = "the run ended KILLED"  # what became of the run, for the last message
 
     @property
     def exit_code(self) -> int:
@@ -387,17 +388,19 @@ def failing_fast() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def finish_run(logger: RunLogger, guard: SigtermGuard, status: RunStatus, timeout_s: float) -> None:
-    """Deliver the run's journal, then end it with ``status``.
+def finish_run(logger: RunLogger, guard: SigtermGuard, status: RunStatus, timeout_s: float) -> str:
+    """Deliver the run's journal, then end it with ``status``; say how the run ended.
 
     When the store is still away after ``timeout_s``, the run's end joins the journal and the
     folder is named for ``mlflow-tg replay``; the process goes on without waiting longer.
     """
     guard.disarm()
     spool = logger.spool
+    ended = f"the run ended {RunStatus.to_string(status)}"
     if spool is None:
         end_run(guard, status)
-        return
+        return ended
+    started = time.monotonic()
     try:
         # a SIGTERM while the store is away (a scheduler's time limit) cuts the wait: a SIGKILL
         # may follow, and the run's end must be journaled before it
@@ -415,16 +418,20 @@ def finish_run(logger: RunLogger, guard: SigtermGuard, status: RunStatus, timeou
         if not delivered:
             log.error("run %s ended %s, but some of its writes are only in %s",
                       logger.run_id, RunStatus.to_string(status), spool.folder)  # fmt: skip
-        return
+        return ended
     with failing_fast(), suppress(Exception):  # forgets the active run; the server is down
         mlflow.end_run(RunStatus.to_string(status))
     log.error(
         "the tracking server %s did not answer for %.0f s at the end of run %s: what it lacks "
         "of the run (its last metrics, artifacts and its end, %s) is kept in %s. Once the "
         "server is back, deliver it with: mlflow-tg replay %s",
-        shown_uri(spool.uri), timeout_s, logger.run_id, RunStatus.to_string(status),
-        spool.folder, spool.folder,
+        shown_uri(spool.uri), time.monotonic() - started, logger.run_id,
+        RunStatus.to_string(status), spool.folder, spool.folder,
     )  # fmt: skip
+    return (
+        f"the run is still RUNNING on the server; its end ({RunStatus.to_string(status)}) "
+        f"waits in {spool.folder} for mlflow-tg replay"
+    )
 
 
 @contextmanager
@@ -471,7 +478,9 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
                 name = "SIGINT" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
                 logger.set_tag(keys.KILLED_BY, name)
             finally:  # the run ends KILLED even when the store refuses the tag
-                finish_run(logger, guard, RunStatus.KILLED, min(drain_s, KILLED_DRAIN_S))
+                outcome = finish_run(logger, guard, RunStatus.KILLED, min(drain_s, KILLED_DRAIN_S))
+            if isinstance(stop, Terminated):
+                stop.outcome = outcome
             raise
         except BaseException as error:
             guard.disarm()
@@ -480,6 +489,8 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
             finally:  # the run ends FAILED even when the store refuses the tag
                 finish_run(logger, guard, RunStatus.FAILED, drain_s)
             raise
-        finish_run(logger, guard, RunStatus.FINISHED, drain_s)
+        outcome = finish_run(logger, guard, RunStatus.FINISHED, drain_s)
         if guard.pending:  # SIGTERM came while the run was ending: the process stops now
-            raise Terminated()
+            stop = Terminated()
+            stop.outcome = f"it came after the run's last epoch: {outcome}"
+            raise stop

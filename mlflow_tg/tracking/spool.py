@@ -268,8 +268,13 @@ class Spool:
 
         Otherwise the run's end is journaled too, for ``mlflow-tg replay`` to deliver.
         """
+        delivered = False
         try:
             delivered = self.drain(timeout_s, hurry)
+            if not delivered:  # before the courier is waited for: a SIGKILL may be near
+                self.seq += 1
+                self.write({"op": "end", "seq": self.seq, "time": int(time.time() * 1000),
+                            "status": RunStatus.to_string(status)})  # fmt: skip
         finally:
             with self.cond:
                 self.closing = True
@@ -277,12 +282,7 @@ class Spool:
             self.stopping.set()
             if self.thread.ident is not None:
                 self.thread.join(timeout=5)
-        if not delivered:
-            self.seq += 1
-            status_name = RunStatus.to_string(status)
-            self.write({"op": "end", "seq": self.seq, "time": int(time.time() * 1000),
-                        "status": status_name})  # fmt: skip
-        self.journal.close()
+            self.journal.close()
         return delivered
 
     # --- the courier -----------------------------------------------------------------------
