@@ -111,6 +111,30 @@ def test_runs_started_in_the_same_second_each_log_their_own_hydra_config(tmp_pat
 # --- B3: SIGTERM -------------------------------------------------------------------------------
 
 
+def sigterm_once_training(process: subprocess.Popen, uri: str, runs: int) -> str:
+    """SIGTERM to ``process`` once ``runs`` runs are RUNNING with an epoch logged; its output."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the runs never started"
+            if path.exists():
+                with sqlite_lock(uri):  # not while the job creates the store
+                    _, found = runs_of(uri)
+                training = [
+                    r for r in found if r.info.status == "RUNNING" and "val_acc" in r.data.metrics
+                ]
+                if len(training) == runs:
+                    break
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # to this process only, not its children
+        return process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_the_process_with_143(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -121,22 +145,7 @@ def test_sigterm_ends_the_run_killed_and_the_process_with_143(tmp_path: Path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 300
-        while True:  # until the run exists and has logged an epoch
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "the run never started"
-            if (tmp_path / "mlflow.db").exists():
-                with sqlite_lock(uri):  # not while the job creates the store
-                    _, runs = runs_of(uri)
-                if runs and runs[0].info.status == "RUNNING" and "val_acc" in runs[0].data.metrics:
-                    break
-            time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=120)[0]
-    finally:
-        if process.poll() is None:
-            process.kill()
+    output = sigterm_once_training(process, uri, runs=1)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     (run,) = runs_of(uri)[1]
     assert run.info.status == "KILLED"
@@ -167,22 +176,7 @@ def test_sigterm_to_a_joblib_sweep_ends_its_running_runs_killed_and_starts_no_mo
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while True:  # until both workers' runs have logged an epoch
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "the runs never started"
-            if (tmp_path / "mlflow.db").exists():
-                with sqlite_lock(uri):
-                    _, runs = runs_of(uri)
-                if len([r for r in runs if "val_acc" in r.data.metrics]) == 2:
-                    break
-            time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=120)[0]
-    finally:
-        if process.poll() is None:
-            process.kill()
+    output = sigterm_once_training(process, uri, runs=2)  # both workers' runs
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "no job started after it" in output and "Traceback" not in output
     _, runs = runs_of(uri)
