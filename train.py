@@ -4,17 +4,20 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
+from mlflow import get_tracking_uri
 from omegaconf import DictConfig
 
 from mlflow_tg.config import translate_error
 from mlflow_tg.errors import InputError
 from mlflow_tg.job import train
 from mlflow_tg.tracking import stop
+from mlflow_tg.tracking.health import refused_access
 from mlflow_tg.tracking.run import Terminated
 
 log = logging.getLogger("train")
@@ -44,12 +47,21 @@ def main(cfg: DictConfig) -> float:
         log.warning("SIGTERM: the run ended KILLED; this worker starts no more jobs")
         return float("nan")
     except InputError as error:  # bad input: no run was created
-        if not multirun:  # one paragraph, as the values Hydra refuses while composing
-            print(error, file=sys.stderr)
-            sys.exit(2)
-        SWEEP["refused"] += 1
-        log.error("job %s refused, the multirun goes on: %s", HydraConfig.get().job.num, error)
-        raise
+        refuse(error, multirun)
+    except Exception as error:
+        if (refused := refused_access(error)) is None:
+            raise
+        refuse(InputError(f"{get_tracking_uri()}: {refused}"), multirun)
+
+
+def refuse(error: InputError, multirun: bool) -> NoReturn:
+    """Bad input: exit 2 with one paragraph; in a multirun, the job fails alone and is counted."""
+    if not multirun:  # one paragraph, as the values Hydra refuses while composing
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    SWEEP["refused"] += 1
+    log.error("job %s refused, the multirun goes on: %s", HydraConfig.get().job.num, error)
+    raise error
 
 
 def cli() -> None:
@@ -79,6 +91,9 @@ def cli() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the run ended KILLED (tracked_run)
+        print("train.py: interrupted (Ctrl-C); the run ended KILLED", file=sys.stderr)
+        sys.exit(130)
     except Terminated as terminated:  # SIGTERM: the run ended KILLED (tracked_run says how)
         print(f"train.py: {terminated}; {terminated.outcome}", file=sys.stderr)
         sys.exit(terminated.exit_code)

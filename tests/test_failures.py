@@ -111,8 +111,10 @@ def test_runs_started_in_the_same_second_each_log_their_own_hydra_config(tmp_pat
 # --- B3: SIGTERM -------------------------------------------------------------------------------
 
 
-def sigterm_once_training(process: subprocess.Popen, uri: str, runs: int) -> str:
-    """SIGTERM to ``process`` once ``runs`` runs are RUNNING with an epoch logged; its output."""
+def signal_once_training(
+    process: subprocess.Popen, uri: str, runs: int, signum: int = signal.SIGTERM
+) -> str:
+    """``signum`` to ``process`` once ``runs`` runs are RUNNING with an epoch logged; its output."""
     path = Path(uri.removeprefix("sqlite:///"))
     try:
         deadline = time.monotonic() + 300
@@ -128,7 +130,7 @@ def sigterm_once_training(process: subprocess.Popen, uri: str, runs: int) -> str
                 if len(training) == runs:
                     break
             time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)  # to this process only, not its children
+        process.send_signal(signum)  # to this process only, not its children
         return process.communicate(timeout=120)[0]
     finally:
         if process.poll() is None:
@@ -145,12 +147,26 @@ def test_sigterm_ends_the_run_killed_and_the_process_with_143(tmp_path: Path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    output = sigterm_once_training(process, uri, runs=1)
+    output = signal_once_training(process, uri, runs=1)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     (run,) = runs_of(uri)[1]
     assert run.info.status == "KILLED"
     assert run.data.tags[keys.KILLED_BY] == "SIGTERM"
     assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_killed_and_the_process_with_130_in_one_line(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *TINY, "epochs=100000", f"tracking.uri={uri}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output = signal_once_training(process, uri, runs=1, signum=signal.SIGINT)
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "interrupted (Ctrl-C)" in output.splitlines()[-1]
+    (run,) = runs_of(uri)[1]
+    assert run.info.status == "KILLED" and run.data.tags[keys.KILLED_BY] == "SIGINT"
 
 
 def processes_of_sweep(launcher: int) -> list[int]:
@@ -176,7 +192,7 @@ def test_sigterm_to_a_joblib_sweep_ends_its_running_runs_killed_and_starts_no_mo
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
-    output = sigterm_once_training(process, uri, runs=2)  # both workers' runs
+    output = signal_once_training(process, uri, runs=2)  # both workers' runs
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "no job started after it" in output and "Traceback" not in output
     _, runs = runs_of(uri)

@@ -82,6 +82,14 @@ def test_reap_names_an_unknown_experiment_and_a_bad_duration(tracking_uri: str, 
     assert code == 0 and "0 stale runs ended KILLED" in out
 
 
+def test_reap_refuses_a_store_that_is_not_there_and_makes_none(tmp_path: Path, capsys):
+    missing = tmp_path / "elsewhere" / "mlflow.db"  # a server sweep's folder, say
+    code, _, err = reap_in_process(capsys, "--tracking-uri", f"sqlite:///{missing}",
+                                   "--older-than", "10m")  # fmt: skip
+    assert code == 2 and f"({missing} does not exist)" in err and "--tracking-uri" in err
+    assert not missing.parent.exists()
+
+
 def start_training(folder: Path, uri: str, name: str) -> subprocess.Popen:
     log = open(folder / f"{name}.log", "w")  # noqa: SIM115  a pipe nobody reads would block it
     return subprocess.Popen(
@@ -122,7 +130,7 @@ def test_a_run_killed_by_sigkill_is_reaped_and_a_live_one_is_not(tmp_path: Path)
         time.sleep(12)  # the dead run's heartbeat grows stale; the live one beats every second
         result = reap_cli(uri, "--older-than", "8s")
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "1 stale runs ended KILLED" in result.stdout, result.stdout
+        assert "1 stale run ended KILLED" in result.stdout, result.stdout
         client = MlflowClient(uri)
         dead = client.get_run(by_seed["1"])
         assert dead.info.status == "KILLED" and keys.REAPED in dead.data.tags

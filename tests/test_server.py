@@ -125,12 +125,34 @@ def test_the_auth_config_holds_no_password_and_only_its_owner_reads_it(tmp_path,
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == password
     assert password not in settings.auth_file.read_text()
     assert settings.auth_file.stat().st_mode & 0o077 == 0
+    assert (settings.state_dir / "basic_auth.db").stat().st_mode & 0o077 == 0
     assert "--app-name" in server.server_command(settings)
     assert password not in " ".join(server.server_command(settings))
     assert (
         server.auth_environment(settings)["MLFLOW_FLASK_SERVER_SECRET_KEY"]
         == (env["MLFLOW_FLASK_SERVER_SECRET_KEY"])
     )  # one key across restarts
+
+
+def refused_in_one_paragraph(url: str, folder: Path, run_id: str):
+    """A function: the paragraph a command prints when the server refuses its user (exit 2)."""
+    commands = {
+        "train": [sys.executable, str(ROOT / "train.py"), "model=mlp", "width=2", "epochs=1",
+                  "graph=off", f"tracking.uri={url}", "tracking.experiment=shared"],
+        "reap": [str(Path(sys.executable).parent / "mlflow-tg"), "reap", "--older-than", "1h",
+                 "--tracking-uri", url],
+        "predict": [str(Path(sys.executable).parent / "mlflow-tg"), "predict", "--run-id",
+                    run_id, "--tracking-uri", url],
+    }  # fmt: skip
+
+    def paragraph(command: str) -> str:
+        result = subprocess.run(commands[command], cwd=folder, capture_output=True, text=True,
+                                timeout=300)  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+        return result.stderr
+
+    return paragraph
 
 
 @pytest.mark.slow
@@ -170,10 +192,19 @@ def test_a_reader_of_an_experiment_reads_it_and_cannot_write(postgres, tmp_path,
             assert error.value.get_http_status_code() == 403, error.value
         assert admin.get_run(run_id).data.metrics == {"val_acc": 0.5}
 
+        assert (settings.state_dir / "basic_auth.db").stat().st_mode & 0o077 == 0  # users
+        paragraph = refused_in_one_paragraph(settings.url, tmp_path, run_id)
+        assert "HTTP 403" in paragraph("train") and "EDIT" in paragraph("train")
+
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a wrong password")
         with pytest.raises(MlflowException) as error:
             MlflowClient(settings.url).get_experiment(experiment)
         assert error.value.get_http_status_code() == 401
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        for command in ("train", "reap", "predict"):
+            assert "HTTP 401" in paragraph(command), command
+            assert "MLFLOW_TRACKING_USERNAME" in paragraph(command), command
         pid = server.running_pid(settings)
         assert admin_password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
     finally:

@@ -64,6 +64,7 @@ from mlflow_tg.predictor.registry import (
     settle_aliases,
     version_by_alias,
 )
+from mlflow_tg.tracking.health import refused_access
 from mlflow_tg.tracking.run import connect, use_experiment
 from mlflow_tg.tracking.runs import TARGET, RunNotFoundError, RunRecord, load_runs
 from mlflow_tg.tracking.sqlite import missing_store
@@ -390,4 +391,9 @@ def main(cfg: DictConfig) -> None:
         fit_predictor(cfg)
     except (ConfigError, RunNotFoundError, RegistryError) as error:
         log.error("%s", error)
+        sys.exit(2)
+    except Exception as error:
+        if (refused := refused_access(error)) is None:
+            raise
+        log.error("%s: %s", mlflow.get_tracking_uri(), refused)
         sys.exit(2)

@@ -30,7 +30,7 @@ from mlflow_tg.serve.stores import MlflowStore, Store, answer_here, open_store
 from mlflow_tg.tracking.commands import COMMANDS as TRACKING_COMMANDS
 from mlflow_tg.tracking.commands import add_commands as add_tracking_commands
 from mlflow_tg.tracking.commands import run_command as run_tracking_command
-from mlflow_tg.tracking.health import unanswered
+from mlflow_tg.tracking.health import refused_access, unanswered
 from mlflow_tg.tracking.quiet import quiet
 from mlflow_tg.tracking.records import (
     RunNotFoundError,
@@ -174,6 +174,8 @@ def refusal_message(error: Exception) -> str | None:
     """The one paragraph for an error that means bad input or a missing run; None for others."""
     if isinstance(error, REPORTED):
         return str(error)
+    if (refused := refused_access(error)) is not None:
+        return refused
     mlflow_errors = sys.modules.get("mlflow.exceptions")  # raised only where MLflow was loaded
     if mlflow_errors and isinstance(error, mlflow_errors.MlflowException):
         return error.message

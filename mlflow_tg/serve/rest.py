@@ -22,6 +22,7 @@ import requests
 
 from mlflow_tg import keys
 from mlflow_tg.predictor.endpoint import cell
+from mlflow_tg.tracking.health import access_refused
 from mlflow_tg.tracking.records import RunRecord, Version, no_version
 
 API = "/api/2.0/mlflow"
@@ -53,6 +54,8 @@ class Server:
             response = self.session.request(method, f"{self.uri}{path}", timeout=30, **options)
         except requests.RequestException as error:
             raise TrackingServerError(f"{what}: {self.uri} cannot be reached ({error})") from error
+        if (refused := access_refused(response.status_code)) is not None:
+            raise TrackingServerError(f"{self.uri}: {refused}")
         if response.status_code != 200:
             try:
                 message = response.json().get("message", response.text)

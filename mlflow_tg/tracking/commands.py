@@ -54,6 +54,7 @@ def run_command(args: argparse.Namespace) -> int:
     from mlflow_tg.tracking.quiet import quiet
 
     quiet(False)
+    from mlflow_tg.tracking.health import refused_access
     from mlflow_tg.tracking.reap import ReapError
     from mlflow_tg.tracking.spool import SpoolError
 
@@ -62,23 +63,33 @@ def run_command(args: argparse.Namespace) -> int:
     except (ReapError, SpoolError) as error:
         print(f"mlflow-tg {args.command}: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if (refused := refused_access(error)) is None:
+            raise
+        print(f"mlflow-tg {args.command}: {args.tracking_uri}: {refused}", file=sys.stderr)
+        return 2
 
 
 def reap_command(args: argparse.Namespace) -> int:
     """Print one line per run ended (or, with ``--dry-run``, to end)."""
     from mlflow import MlflowClient
 
-    from mlflow_tg.tracking.reap import parse_duration, reap
+    from mlflow_tg.tracking.health import store_unreachable
+    from mlflow_tg.tracking.reap import ReapError, parse_duration, reap
 
     older_than = parse_duration(args.older_than)
+    if (why := store_unreachable(args.tracking_uri)) is not None:
+        raise ReapError(f"{why}: give the store the runs were logged to with --tracking-uri "
+                        "(the server of `make server-start`: http://127.0.0.1:5000).")  # fmt: skip
     client = MlflowClient(args.tracking_uri)
     stale, silent = reap(client, older_than, args.experiment, args.dry_run)
     verb = "would end" if args.dry_run else "ended"
     for verdict in stale:
         print(f"{verb} KILLED: run {verdict.run_id} ({verdict.name}), no heartbeat for "
               f"{verdict.age_s:.0f} s")  # fmt: skip
-    print(f"{len(stale)} stale runs {verb.split()[-1]} KILLED; {len(silent)} RUNNING runs without "
-          "a heartbeat left alone")  # fmt: skip
+    runs = "run" if len(stale) == 1 else "runs"
+    print(f"{len(stale)} stale {runs} {verb.split()[-1]} KILLED; {len(silent)} RUNNING runs "
+          "without a heartbeat left alone")  # fmt: skip
     return 0
 
 

@@ -11,6 +11,8 @@ import time
 
 import requests
 
+from mlflow_tg.tracking.sqlite import missing_store
+
 SERVER_PROBE_S = 10.0  # how long a tracking server that does not answer /health is waited for
 
 
@@ -40,3 +42,38 @@ def unanswered(uri: str, timeout_s: float = SERVER_PROBE_S) -> str | None:
         if time.monotonic() + 1 > deadline:
             return f"{why}, {timeout_s:.0f} s"
         time.sleep(1)
+
+
+def access_refused(status: int | None) -> str | None:
+    """What to do about a server that refused who asked (HTTP 401 or 403); None for others."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        who = f"the user {user!r} with that password" if user else "requests without credentials"
+        return (
+            f"the tracking server does not accept {who} (HTTP 401): set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD to one of its users"
+        )
+    if status == 403:
+        return (
+            f"the tracking server does not let the user {user!r} do this (HTTP 403): an admin can "
+            "grant it EDIT on the experiment (README, Access control), or use a user who has it"
+        )
+    return None
+
+
+def refused_access(error: BaseException) -> str | None:
+    """``access_refused`` for an MLflow client's error; None when it is about something else."""
+    status_of = getattr(error, "get_http_status_code", None)  # MlflowException's
+    return access_refused(status_of()) if callable(status_of) else None
+
+
+def store_unreachable(uri: str) -> str | None:
+    """Why nothing can be read at ``uri``: a server that does not answer, or no SQLite file.
+
+    MLflow's client would wait minutes for the one, and make an empty store for the other.
+    """
+    if uri.startswith(("http://", "https://")):
+        why = unanswered(uri)
+        return None if why is None else f"no MLflow tracking server answers at {uri} ({why})"
+    missing = missing_store(uri)
+    return None if missing is None else f"no tracking store at {uri} ({missing} does not exist)"

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mlflow_tg import keys
+from mlflow_tg.tracking.health import refused_access
 from mlflow_tg.tracking.records import (
     CorruptHistoryError,
     RunNotFoundError,
@@ -68,6 +69,8 @@ def load_run(client: MlflowClient, run_id: str) -> RunRecord:
     try:
         run = client.get_run(run_id)
     except Exception as error:
+        if refused_access(error) is not None:  # the run may well be there
+            raise
         raise RunNotFoundError(
             f"run {run_id!r} is not in the tracking store {client.tracking_uri}: {error}"
         ) from error

@@ -327,6 +327,8 @@ def auth_environment(settings: Settings) -> dict[str, str]:
     password = admin_password()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     users = (settings.state_dir / "basic_auth.db").resolve()
+    users.touch(mode=0o600, exist_ok=True)  # made here, so that MLflow's umask never applies
+    users.chmod(0o600)
     write_private(
         settings.auth_file,
         "[mlflow]\ndefault_permission = READ\n"

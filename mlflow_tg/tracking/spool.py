@@ -40,8 +40,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from mlflow_tg import keys
-from mlflow_tg.tracking.health import unanswered
-from mlflow_tg.tracking.sqlite import missing_store
+from mlflow_tg.tracking.health import store_unreachable, unanswered
 
 log = logging.getLogger(__name__)
 JOURNAL, DELIVERED, FILES = "journal.jsonl", "delivered", "files"
@@ -379,13 +378,9 @@ def replay(folder: Path, uri: str | None = None) -> tuple[str, int]:
     """Deliver what a spool folder's store does not have yet; (run id, records delivered)."""
     header, records, delivered = read_journal(folder)
     uri = uri or header["uri"]
-    why = unanswered(uri) if uri.startswith(("http://", "https://")) else None
-    if why is not None:
-        raise SpoolError(f"no MLflow tracking server answers at {uri} ({why}): start it, then "
-                         f"replay {folder} again.")  # fmt: skip
-    if (missing := missing_store(uri)) is not None:
-        raise SpoolError(f"no tracking store at {uri} ({missing} does not exist): give the "
-                         "store the run was logged to, with --tracking-uri.")  # fmt: skip
+    if (why := store_unreachable(uri)) is not None:
+        raise SpoolError(f"{why}: start the server, or give the store the run was logged to "
+                         f"with --tracking-uri, then replay {folder} again.")  # fmt: skip
     client = MlflowClient(uri)
     left = records[delivered:]
     done = 0
