@@ -113,3 +113,18 @@ def test_the_command_reports_bad_input_in_one_paragraph_and_its_own_bugs_in_full
     assert refusal_message(StoreError("locked")) == "locked"
     assert refusal_message(KeyError("run")) is None  # a bug: its traceback, not a paragraph
     assert refusal_message(IndexError(0)) is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "command"),
+    [
+        ("sqlite:///mlflow.db", "python -m mlflow_tg.predictor,"),
+        ("http://127.0.0.1:5000", "python -m mlflow_tg.predictor tracking=server,"),
+        ("http://host:5000", "python -m mlflow_tg.predictor tracking.uri=http://host:5000,"),
+    ],
+)
+def test_a_missing_champion_names_the_command_that_fits_one_in_that_store(uri, command):
+    from mlflow_tg.tracking.records import no_version
+
+    message = str(no_version(uri, "tg-performance-predictor", "champion"))
+    assert command in message and "--endpoint" in message

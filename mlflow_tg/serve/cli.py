@@ -33,6 +33,7 @@ from mlflow_tg.tracking.commands import run_command as run_tracking_command
 from mlflow_tg.tracking.health import refused_access, unanswered
 from mlflow_tg.tracking.quiet import quiet
 from mlflow_tg.tracking.records import (
+    EMBEDDED_URI,
     RunNotFoundError,
     RunRecord,
     StoreError,
@@ -40,9 +41,6 @@ from mlflow_tg.tracking.records import (
     Version,
 )
 from mlflow_tg.tracking.sqlite import missing_store
-
-# The embedded store of conf/tracking/local.yaml, where train.py logs by default.
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        default=os.environ.get("MLFLOW_TRACKING_URI") or EMBEDDED_URI,
         help="where the run and the registry are (default: $MLFLOW_TRACKING_URI or the "
         "embedded store, sqlite:///mlflow.db)",
     )

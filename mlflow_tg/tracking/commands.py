@@ -12,8 +12,9 @@ import argparse
 import os
 import sys
 
+from mlflow_tg.tracking.records import EMBEDDED_URI, SERVER_URI
+
 COMMANDS = ("reap", "replay")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/tracking/local.yaml's embedded store
 
 
 def tracking_uri_argument(command: argparse.ArgumentParser, default: str | None) -> None:
@@ -41,7 +42,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     reap.add_argument("--experiment", help="only this experiment (default: all)")
     reap.add_argument("--dry-run", action="store_true", help="list the stale runs, change none")
-    tracking_uri_argument(reap, DEFAULT_TRACKING_URI)
+    tracking_uri_argument(reap, EMBEDDED_URI)
     replay = commands.add_parser(
         "replay", help="deliver what a run's spool folder holds and its tracking store lacks"
     )
@@ -80,7 +81,7 @@ def reap_command(args: argparse.Namespace) -> int:
     older_than = parse_duration(args.older_than)
     if (why := store_unreachable(args.tracking_uri)) is not None:
         raise ReapError(f"{why}: give the store the runs were logged to with --tracking-uri "
-                        "(the server of `make server-start`: http://127.0.0.1:5000).")  # fmt: skip
+                        f"(the server of `make server-start`: {SERVER_URI}).")  # fmt: skip
     client = MlflowClient(args.tracking_uri)
     stale, silent = reap(client, older_than, args.experiment, args.dry_run)
     verb = "would end" if args.dry_run else "ended"

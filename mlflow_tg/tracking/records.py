@@ -12,6 +12,9 @@ from pathlib import Path
 from mlflow_tg import keys
 from mlflow_tg.errors import RegistryError
 
+EMBEDDED_URI = "sqlite:///mlflow.db"  # conf/tracking/local.yaml: the store in the current folder
+SERVER_URI = "http://127.0.0.1:5000"  # conf/tracking/server.yaml: the server of make server-start
+
 
 class RunNotFoundError(LookupError):
     """An experiment or run that is not in the tracking store, or a run without history."""
@@ -90,9 +93,17 @@ def history_rows(path: Path, run_id: str) -> list[dict[str, float]]:
         ) from error
 
 
+def pointing_at(uri: str) -> str:
+    """The override that points ``train.py`` or the predictor at ``uri`` ("" for the default)."""
+    if uri == EMBEDDED_URI:
+        return ""
+    return " tracking=server" if uri.rstrip("/") == SERVER_URI else f" tracking.uri={uri}"
+
+
 def no_version(store: str, name: str, alias: str) -> RegistryError:
     """The error for a model or alias that the registry lacks."""
     return RegistryError(
-        f"the registry of {store} has no model {name!r} with alias {alias!r}; fit one first: "
-        "python -m mlflow_tg.predictor"
+        f"the registry of {store} has no model {name!r} with alias {alias!r}; fit one there "
+        f"first: python -m mlflow_tg.predictor{pointing_at(store)}, or ask a version served "
+        "elsewhere with --endpoint URL"
     )

@@ -25,6 +25,7 @@ from mlflow_tg.tracking.records import (
     RunNotFoundError,
     RunRecord,
     history_rows,
+    pointing_at,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def finished_runs(client: MlflowClient, experiment: str) -> list[Run]:
         raise RunNotFoundError(
             f"experiment {experiment!r} is not in the tracking store {client.tracking_uri}; it "
             f"has {names}. Make a population first: python train.py -m +experiment=population"
+            f"{pointing_at(client.tracking_uri)}"
         )
     # Not mlflow.search_runs(output_format="list"), MLflow's own pager: it searches through
     # MlflowClient(), the global tracking URI, not ``client``'s store (a client made for

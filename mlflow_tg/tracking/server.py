@@ -483,7 +483,7 @@ def start(settings: Settings) -> None:
     print(
         f"MLflow tracking server (pid {pid}) at {settings.url}, backend "
         f"{settings.backend_uri()}, artifacts in {settings.artifact_dir}, log "
-        f"{settings.log_file}. Train against it: python train.py tracking=server"
+        f"{settings.log_file}. Train against it: .venv/bin/python train.py tracking=server"
         + ("" if settings.port == DEFAULT_PORT else f" tracking.uri={settings.url}")
         + (
             " (basic auth: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
