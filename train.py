@@ -22,6 +22,7 @@ from mlflow_tg.tracking.run import Terminated
 
 log = logging.getLogger("train")
 SWEEP = {"jobs": 0, "refused": 0}  # this process's multirun jobs (the basic launcher's)
+UNDELIVERED = 75  # EX_TEMPFAIL: a scheduler sees that something is left to do (a replay)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -39,7 +40,7 @@ def main(cfg: DictConfig) -> float:
         log.warning("SIGTERM came: this job does not start (no run)")
         return float("nan")
     try:
-        return train(cfg)["test_acc"]
+        result = train(cfg)
     except Terminated:  # the run ended KILLED
         if not stop.in_worker():
             raise
@@ -52,6 +53,14 @@ def main(cfg: DictConfig) -> float:
         if (refused := refused_access(error)) is None:
             raise
         refuse(InputError(f"{get_tracking_uri()}: {refused}"), multirun)
+    if "left_in_spool" in result and not multirun:  # trained, but the store lacks part of it
+        print(
+            f"train.py: the run trained to its end, but the tracking store lacks part of it: "
+            f"deliver it with mlflow-tg replay {result['left_in_spool']} (exit {UNDELIVERED})",
+            file=sys.stderr,
+        )
+        sys.exit(UNDELIVERED)
+    return result["test_acc"]
 
 
 def refuse(error: InputError, multirun: bool) -> NoReturn:

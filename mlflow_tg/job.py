@@ -44,7 +44,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ).to(device)
     hooks = make_hooks(cfg, model, data.input_shape())
     with tracked_run(cfg) as run:
-        return fit(cfg, model, data, device, generator, run, hooks)
+        result = fit(cfg, model, data, device, generator, run, hooks)
+    if run.left_in_spool is not None:  # the server was away at the end: see train.py's exit
+        result["left_in_spool"] = str(run.left_in_spool)
+    return result
 
 
 def make_hooks(cfg: DictConfig, model: nn.Module, input_shape: tuple[int, ...]) -> list[EpochHook]:

@@ -262,6 +262,19 @@ def test_a_server_outage_mid_run_loses_nothing_and_the_run_finishes(tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_a_run_whose_server_is_still_away_at_its_end_exits_75_naming_its_replay(tmp_path):
+    command, url, training, log = outage_after_first_epochs(tmp_path, drain_s=5)
+    assert training.wait(timeout=300) == 75, log.read_text()[-3000:]  # EX_TEMPFAIL
+    last = log.read_text().strip().splitlines()[-1]
+    (folder,) = (tmp_path / "outputs").glob("*/*/spool")
+    assert f"mlflow-tg replay {folder}" in last, last
+    with running_server(command, f"{url}/health", tmp_path / "server2.log"):
+        run_id, _ = replay(folder)
+        assert MlflowClient(url).get_run(run_id).info.status == "FINISHED"
+        assert server_metrics(MlflowClient(url), run_id, keys.TEST_ACC) == [EPOCHS]
+
+
+@pytest.mark.slow
 def test_a_sigterm_while_the_end_waits_for_the_server_journals_the_end_at_once(tmp_path: Path):
     """A scheduler's time limit during the drain: the run's end reaches the journal within
     seconds (a SIGKILL follows), and ``mlflow-tg replay`` ends the run with everything."""

@@ -235,6 +235,7 @@ class RunLogger:
     note: list[str] = field(default_factory=list)  # the run's description, line by line
     spool: Spool | None = None
     spool_is_temporary: bool = False  # its folder goes once the store has everything
+    left_in_spool: Path | None = None  # at the end: the store lacks part of the run, kept here
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log finite metrics at ``step=epoch`` in one call and rewrite ``history.parquet``."""
@@ -416,11 +417,13 @@ def finish_run(logger: RunLogger, guard: SigtermGuard, status: RunStatus, timeou
         if delivered and logger.spool_is_temporary:
             shutil.rmtree(spool.folder, ignore_errors=True)
         if not delivered:
+            logger.left_in_spool = spool.folder
             log.error("run %s ended %s, but some of its writes are only in %s",
                       logger.run_id, RunStatus.to_string(status), spool.folder)  # fmt: skip
         return ended
     with failing_fast(), suppress(Exception):  # forgets the active run; the server is down
         mlflow.end_run(RunStatus.to_string(status))
+    logger.left_in_spool = spool.folder
     log.error(
         "the tracking server %s did not answer for %.0f s at the end of run %s: what it lacks "
         "of the run (its last metrics, artifacts and its end, %s) is kept in %s. Once the "
