@@ -1,7 +1,7 @@
 """The registered champion on runs it never saw: held out of its population, and off its grid.
 
     python bench/out_of_population.py [--tracking-uri sqlite:///mlflow.db] [--outside offgrid]
-        [--population population] [--model NAME] [--alias champion | --version N]
+        [--population population] [--model NAME] [--alias champion | --version N] [--k K]
 
 Scores, with the champion (or the version asked for) as it is registered (its own windows,
 interval and distribution check), two sets of runs: the population's runs held out of its fit
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--model", default=keys.REGISTERED_MODEL)
     parser.add_argument("--alias", default=keys.CHAMPION)
     parser.add_argument("--version", help="a version number, in place of --alias")
+    parser.add_argument("--k", type=int, help="ask from epochs 0..K (default: the version's k)")
     args = parser.parse_args()
     mlflow.set_tracking_uri(args.tracking_uri)
     logging.getLogger("mlflow.models.utils").setLevel(logging.ERROR)  # extra history columns
@@ -91,15 +92,17 @@ def main() -> None:
         else client.get_model_version_by_alias(args.model, args.alias)
     )
     spec = FeatureSpec.of_version(version)
+    k = spec.k if args.k is None else args.k
     model = mlflow.pyfunc.load_model(f"models:/{args.model}/{version.version}")
-    population = usable(load_runs(client, args.population), spec.k)
+    population = usable(load_runs(client, args.population), k)
     held = spec.holdout.rows([r.group for r in population])
     sets = {
         f"{args.population} held out": [r for r, h in zip(population, held, strict=True) if h],
-        args.outside: usable(load_runs(client, args.outside), spec.k),
+        args.outside: usable(load_runs(client, args.outside), k),
     }
-    print(f"{args.model} v{version.version} ({spec.sets}, k={spec.k}, windows {spec.ks})")
-    results = {name: score(model, records, spec.k) for name, records in sets.items()}
+    print(f"{args.model} v{version.version} ({spec.sets}, k={spec.k}, windows {spec.ks}), "
+          f"asked from epochs 0..{k}")  # fmt: skip
+    results = {name: score(model, records, k) for name, records in sets.items()}
     print(pd.DataFrame(results).T.round(3).to_string())
     inside, outside = (results[name]["tau"] for name in sets)
     print(f"out-of-population tau minus in-population tau: {outside - inside:+.3f}")
