@@ -36,16 +36,17 @@ def main(cfg: DictConfig) -> float:
     SWEEP["jobs"] += multirun
     if stop.in_worker():  # a launcher's worker process: SIGTERM (passed on) ends the job alone
         stop.install()
-    if stop.STOPPING.is_set():
+    if stop.stopping():
         log.warning("SIGTERM came: this job does not start (no run)")
         return float("nan")
+    stop.IN_JOB.set()
     try:
         result = train(cfg)
-    except Terminated:  # the run ended KILLED
+    except Terminated as terminated:  # the run, if it had started, ended KILLED
         if not stop.in_worker():
             raise
         stop.STOPPING.set()  # returned, not raised: joblib would SIGKILL the other workers
-        log.warning("SIGTERM: the run ended KILLED; this worker starts no more jobs")
+        log.warning("%s: %s; this worker starts no more jobs", terminated, terminated.outcome)
         return float("nan")
     except InputError as error:  # bad input: no run was created
         refuse(error, multirun)
@@ -53,6 +54,8 @@ def main(cfg: DictConfig) -> float:
         if (refused := refused_access(error)) is None:
             raise
         refuse(InputError(f"{get_tracking_uri()}: {refused}"), multirun)
+    finally:
+        stop.IN_JOB.clear()
     if "left_in_spool" in result and not multirun:  # trained, but the store lacks part of it
         print(
             f"train.py: the run trained to its end, but the tracking store lacks part of it: "
@@ -74,6 +77,16 @@ def refuse(error: InputError, multirun: bool) -> NoReturn:
 
 
 def cli() -> None:
+    """``launch()`` in the process that launches the jobs (SIGTERM: ``tracking/stop.py``)."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    stop.start_launcher()
+    try:
+        launch()
+    finally:
+        stop.end_launcher()
+
+
+def launch() -> None:
     """``main()``, where a value Hydra refuses while composing also exits 2 with one paragraph.
 
     Hydra composes (and type-checks) the config before ``main`` runs, and would print its own
@@ -81,8 +94,6 @@ def cli() -> None:
     group option (``model=transformer``) keeps Hydra's message, which lists the options.
     A multirun with refused jobs exits 2 once its other jobs have run; SIGTERM exits 143.
     """
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    stop.start_launcher()
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as error:
@@ -101,16 +112,17 @@ def cli() -> None:
         )
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: the run ended KILLED (tracked_run)
-        print("train.py: interrupted (Ctrl-C); the run ended KILLED", file=sys.stderr)
+        print("train.py: interrupted (Ctrl-C); a run that was training ends KILLED",
+              file=sys.stderr)  # fmt: skip
         sys.exit(130)
     except Terminated as terminated:  # SIGTERM: the run ended KILLED (tracked_run says how)
         print(f"train.py: {terminated}; {terminated.outcome}", file=sys.stderr)
         sys.exit(terminated.exit_code)
-    if stop.STOPPING.is_set():  # SIGTERM between runs, or passed on to a launcher's workers
+    if stop.STOPPING.is_set():  # SIGTERM passed on to a launcher's workers
         stop.stop_workers()
         print(
-            "train.py: terminated by SIGTERM; every run that was training ended KILLED, and "
-            "no job started after it",
+            "train.py: terminated by SIGTERM, passed on to the jobs that were running (each "
+            "one's log says how its run ended); no job started after it",
             file=sys.stderr,
         )
         sys.exit(128 + signal.SIGTERM)

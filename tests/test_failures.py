@@ -111,6 +111,14 @@ def test_runs_started_in_the_same_second_each_log_their_own_hydra_config(tmp_pat
 # --- B3: SIGTERM -------------------------------------------------------------------------------
 
 
+def training_without_end(folder: Path, uri: str) -> subprocess.Popen:
+    """A tiny ``train.py`` job of endless epochs in ``folder``, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *TINY, "epochs=100000", f"tracking.uri={uri}"],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
 def signal_once_training(
     process: subprocess.Popen, uri: str, runs: int, signum: int = signal.SIGTERM
 ) -> str:
@@ -140,13 +148,7 @@ def signal_once_training(
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_the_process_with_143(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    process = subprocess.Popen(
-        [sys.executable, TRAIN, *TINY, "epochs=100000", f"tracking.uri={uri}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = training_without_end(tmp_path, uri)
     output = signal_once_training(process, uri, runs=1)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     (run,) = runs_of(uri)[1]
@@ -156,12 +158,29 @@ def test_sigterm_ends_the_run_killed_and_the_process_with_143(tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_sigterm_before_the_run_starts_stops_the_job_at_once(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = training_without_end(tmp_path, uri)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "outputs").exists():  # Hydra made the job's folder: set-up begins
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output
+    if (tmp_path / "mlflow.db").exists():  # the signal came as the run was being created
+        assert all(r.info.status == "KILLED" for r in runs_of(uri)[1])
+
+
+@pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_and_the_process_with_130_in_one_line(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    process = subprocess.Popen(
-        [sys.executable, TRAIN, *TINY, "epochs=100000", f"tracking.uri={uri}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    process = training_without_end(tmp_path, uri)
     output = signal_once_training(process, uri, runs=1, signum=signal.SIGINT)
     assert process.returncode == 130, output[-3000:]
     assert "Traceback" not in output and "interrupted (Ctrl-C)" in output.splitlines()[-1]
@@ -183,12 +202,18 @@ def processes_of_sweep(launcher: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_joblib_sweep_ends_its_running_runs_killed_and_starts_no_more(tmp_path):
+@pytest.mark.parametrize(
+    ("workers", "seeds"),
+    [(2, "1,2,3,4"), (3, "1,2")],  # two jobs queued; a worker that never runs a job
+)
+def test_sigterm_to_a_joblib_sweep_ends_its_running_runs_killed_and_starts_no_more(
+    tmp_path, workers, seeds
+):
     """The signal reaches the launching process only (``kill PID``), not its worker processes."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     process = subprocess.Popen(
-        [sys.executable, TRAIN, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
-         "epochs=100000", "seed=1,2,3,4", f"tracking.uri={uri}"],
+        [sys.executable, TRAIN, "-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}",
+         *TINY, "epochs=100000", f"seed={seeds}", f"tracking.uri={uri}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip

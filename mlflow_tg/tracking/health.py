@@ -54,9 +54,11 @@ def access_refused(status: int | None) -> str | None:
             "and MLFLOW_TRACKING_PASSWORD to one of its users"
         )
     if status == 403:
+        who = f"the user {user!r}" if user else "this client"
         return (
-            f"the tracking server does not let the user {user!r} do this (HTTP 403): an admin can "
-            "grant it EDIT on the experiment (README, Access control), or use a user who has it"
+            f"the tracking server does not let {who} do this (HTTP 403): an admin can grant "
+            "EDIT on the experiment, or on the registered model for the predictor (README, "
+            "Access control), or use a user who has it"
         )
     return None
 

@@ -6,8 +6,10 @@ With the joblib launcher they run in worker processes that the signal does not r
 alone they would train on, orphaned, and end FINISHED. So the launching process passes SIGTERM
 on to its child processes, and a worker whose run was ended this way returns from the job
 instead of raising (an exception back in joblib would make it SIGKILL the sibling workers,
-whose runs are still ending). Every process that got SIGTERM then skips the jobs it is given,
-without a run, so the sweep drains in seconds.
+whose runs are still ending). For the same reason the signal goes only to workers that handle
+it (those that have run a job): one that has not would die of it. From then on no job starts
+a run, in any worker (the launching process leaves a marker file), so the sweep drains in
+seconds.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from contextlib import suppress
 from pathlib import Path
 
+from mlflow_tg.tracking.run import Terminated
+
 log = logging.getLogger(__name__)
 SWEEP_PID = "MLFLOW_TG_SWEEP_PID"  # the launching process, in its jobs' environment
 STOPPING = threading.Event()  # this process got SIGTERM: it starts no more jobs
+IN_JOB = threading.Event()  # this process is running a job (train.py's main), before its run
 
 
 def child_processes(pid: int) -> list[int]:
@@ -38,12 +44,52 @@ def child_processes(pid: int) -> list[int]:
     return children
 
 
+def handles_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler (from /proc: its caught-signals mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone
+        return False
+    caught = next(
+        (line.split()[1] for line in status.splitlines() if line.startswith("SigCgt")), "0"
+    )
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def marker(launcher: str) -> Path:
+    """The file that tells a sweep's workers that its launching process got SIGTERM."""
+    return Path(tempfile.gettempdir()) / f"mlflow_tg.sweep-{launcher}.stopping"
+
+
 def on_sigterm(signum: int, frame: object) -> None:
-    """Note the stop, and pass it on to this process's children (the sweep's workers)."""
+    """Stop: this process's own job at once, else the workers' jobs (passed on to them).
+
+    A job of this process before its run's own handler is in place (loading data, tracing the
+    graph) stops with ``Terminated`` and no run; so does a launching process with no worker to
+    pass the signal to (another launcher's, a sweep still starting), as without this handler.
+    """
     STOPPING.set()
-    for child in child_processes(os.getpid()):
-        with suppress(ProcessLookupError):  # gone meanwhile
-            os.kill(child, signum)
+    if in_worker():
+        if not IN_JOB.is_set():
+            return  # between jobs: the next ones do not start (raising would kill the worker)
+    else:
+        with suppress(OSError):
+            marker(str(os.getpid())).touch()
+        workers = [child for child in child_processes(os.getpid()) if handles_sigterm(child)]
+        for worker in workers:  # a worker that never ran a job would die of it: not those
+            with suppress(ProcessLookupError):  # gone meanwhile
+                os.kill(worker, signum)
+        if workers and not IN_JOB.is_set():
+            return  # the launching process waits for its workers' runs to end
+    stop = Terminated(signum)
+    stop.outcome = "no run of this process was training"
+    raise stop
+
+
+def stopping() -> bool:
+    """Whether no job should start: this process or the sweep's launching process got SIGTERM."""
+    launcher = os.environ.get(SWEEP_PID)
+    return STOPPING.is_set() or (launcher is not None and marker(launcher).exists())
 
 
 def install() -> None:
@@ -55,13 +101,22 @@ def install() -> None:
 def start_launcher() -> None:
     """In the process that launches jobs: name it to its jobs, and handle SIGTERM."""
     os.environ[SWEEP_PID] = str(os.getpid())
+    marker(str(os.getpid())).unlink(missing_ok=True)  # one left by a killed process of this pid
     install()
 
 
 def in_worker() -> bool:
-    """Whether this job runs in a process other than the one that launched it."""
-    launcher = os.environ.get(SWEEP_PID)
-    return launcher is not None and launcher != str(os.getpid())
+    """Whether this process is a worker that the launching process started (joblib's).
+
+    Its direct child: the jobs of other launchers (submitit's, SLURM's on other machines) are
+    not, and stop as a job of their own.
+    """
+    return os.environ.get(SWEEP_PID) == str(os.getppid())
+
+
+def end_launcher() -> None:
+    """Remove the launching process's marker, if it left one."""
+    marker(str(os.getpid())).unlink(missing_ok=True)
 
 
 def stop_workers() -> None:
