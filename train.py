@@ -34,28 +34,16 @@ def main(cfg: DictConfig) -> float:
     """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     SWEEP["jobs"] += multirun
-    if stop.in_worker():  # a launcher's worker process: SIGTERM (passed on) ends the job alone
-        stop.install()
-    if stop.stopping():
-        log.warning("SIGTERM came: this job does not start (no run)")
-        return float("nan")
-    stop.IN_JOB.set()
     try:
-        result = train(cfg)
-    except Terminated as terminated:  # the run, if it had started, ended KILLED
-        if not stop.in_worker():
-            raise
-        stop.STOPPING.set()  # returned, not raised: joblib would SIGKILL the other workers
-        log.warning("%s: %s; this worker starts no more jobs", terminated, terminated.outcome)
-        return float("nan")
+        result = stop.run_job(lambda: train(cfg))
     except InputError as error:  # bad input: no run was created
         refuse(error, multirun)
     except Exception as error:
         if (refused := refused_access(error)) is None:
             raise
         refuse(InputError(f"{get_tracking_uri()}: {refused}"), multirun)
-    finally:
-        stop.IN_JOB.clear()
+    if result is None:  # SIGTERM stopped this worker's job
+        return float("nan")
     if "left_in_spool" in result and not multirun:  # trained, but the store lacks part of it
         print(
             f"train.py: the run trained to its end, but the tracking store lacks part of it: "

@@ -20,12 +20,15 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
 from mlflow_tg.tracking.run import Terminated
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SWEEP_PID = "MLFLOW_TG_SWEEP_PID"  # the launching process, in its jobs' environment
 STOPPING = threading.Event()  # this process got SIGTERM: it starts no more jobs
 IN_JOB = threading.Event()  # this process is running a job (train.py's main), before its run
@@ -112,6 +115,30 @@ def in_worker() -> bool:
     not, and stop as a job of their own.
     """
     return os.environ.get(SWEEP_PID) == str(os.getppid())
+
+
+def run_job(job: Callable[[], T]) -> T | None:
+    """``job()``, as one job of a sweep that SIGTERM may stop; None when it did, in a worker.
+
+    A worker returns rather than raises (see the module docstring); once stopped, it starts no
+    more jobs. Elsewhere ``Terminated`` goes on up, and the process exits 143.
+    """
+    if in_worker():
+        install()
+    if stopping():
+        log.warning("SIGTERM came: this job does not start (no run)")
+        return None
+    IN_JOB.set()
+    try:
+        return job()
+    except Terminated as terminated:  # the run, if it had started, ended KILLED
+        if not in_worker():
+            raise
+        STOPPING.set()
+        log.warning("%s: %s; this worker starts no more jobs", terminated, terminated.outcome)
+        return None
+    finally:
+        IN_JOB.clear()
 
 
 def end_launcher() -> None:
