@@ -66,10 +66,10 @@ FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOU
 class Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` stops it
     """The job got SIGTERM: its run ends KILLED and the process exits ``128 + signum``."""
 
-    def __init__(self, signum: int = signal.SIGTERM) -> None:
+    def __init__(self, signum: int = signal.SIGTERM, outcome: str = "the run ended KILLED") -> None:
         super().__init__(f"terminated by {signal.Signals(signum).name}")
         self.signum = signum
-        self.outcome = "the run ended KILLED"  # what became of the run, for the last message
+        self.outcome = outcome  # what became of the run, for the last message
 
     @property
     def exit_code(self) -> int:
@@ -494,6 +494,4 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
             raise
         outcome = finish_run(logger, guard, RunStatus.FINISHED, drain_s)
         if guard.pending:  # SIGTERM came while the run was ending: the process stops now
-            stop = Terminated()
-            stop.outcome = f"it came after the run's last epoch: {outcome}"
-            raise stop
+            raise Terminated(outcome=f"it came after the run's last epoch: {outcome}")

@@ -267,7 +267,6 @@ class Spool:
 
         Otherwise the run's end is journaled too, for ``mlflow-tg replay`` to deliver.
         """
-        delivered = False
         try:
             delivered = self.drain(timeout_s, hurry)
             if not delivered:  # before the courier is waited for: a SIGKILL may be near

@@ -84,9 +84,7 @@ def on_sigterm(signum: int, frame: object) -> None:
                 os.kill(worker, signum)
         if workers and not IN_JOB.is_set():
             return  # the launching process waits for its workers' runs to end
-    stop = Terminated(signum)
-    stop.outcome = "no run of this process was training"
-    raise stop
+    raise Terminated(signum, outcome="no run of this process was training")
 
 
 def stopping() -> bool:
