@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import signal
 import sys
 from typing import NoReturn
@@ -16,12 +17,11 @@ from omegaconf import DictConfig
 from mlflow_tg.config import translate_error
 from mlflow_tg.errors import InputError
 from mlflow_tg.job import train
-from mlflow_tg.tracking import stop
+from mlflow_tg.tracking import stop, sweep
 from mlflow_tg.tracking.health import refused_access
 from mlflow_tg.tracking.run import Terminated
 
 log = logging.getLogger("train")
-SWEEP = {"jobs": 0, "refused": 0}  # this process's multirun jobs (the basic launcher's)
 UNDELIVERED = 75  # EX_TEMPFAIL: a scheduler sees that something is left to do (a replay)
 
 
@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> float:
     (Hydra records it and launches the next one) and ``cli`` exits 2 once the sweep is over.
     """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    SWEEP["jobs"] += multirun
+    if multirun:
+        sweep.tally("job")
     try:
         result = stop.run_job(lambda: train(cfg))
     except InputError as error:  # bad input: no run was created
@@ -59,7 +60,7 @@ def refuse(error: InputError, multirun: bool) -> NoReturn:
     if not multirun:  # one paragraph, as the values Hydra refuses while composing
         print(error, file=sys.stderr)
         sys.exit(2)
-    SWEEP["refused"] += 1
+    sweep.tally("refused")
     log.error("job %s refused, the multirun goes on: %s", HydraConfig.get().job.num, error)
     raise error
 
@@ -71,7 +72,13 @@ def cli() -> None:
     try:
         launch()
     finally:
-        stop.end_launcher()
+        if lost := stop.end_launcher():
+            print(
+                f"train.py: {len(lost)} run(s) of this sweep lost their worker process while "
+                "they trained; the launching process delivered what each had journaled:\n  "
+                + "\n  ".join(lost),
+                file=sys.stderr,
+            )
 
 
 def launch() -> None:
@@ -88,10 +95,11 @@ def launch() -> None:
         print(translate_error(error, sys.argv[1:]) or error, file=sys.stderr)
         sys.exit(2)
     except InputError as error:  # raised by Hydra once a multirun with refused jobs is over
+        jobs = sweep.tallied(str(os.getpid()))
         count = (
-            f"{SWEEP['refused']} of the {SWEEP['jobs']} jobs"
-            if SWEEP["jobs"]
-            else "jobs"  # run by another launcher's processes: not counted here
+            f"{jobs.get('refused', 0)} of the {jobs['job']} jobs"
+            if jobs.get("job")
+            else "jobs"  # run on other machines (submitit's launchers): not counted here
         )
         print(
             f"multirun: {count} had bad input and did not run (no MLflow run; each error is "
@@ -106,6 +114,11 @@ def launch() -> None:
     except Terminated as terminated:  # SIGTERM: the run ended KILLED (tracked_run says how)
         print(f"train.py: {terminated}; {terminated.outcome}", file=sys.stderr)
         sys.exit(terminated.exit_code)
+    except Exception as error:
+        if not sweep.worker_died(error):
+            raise
+        if not stop.STOPPING.is_set():  # else SIGTERM killed it, as the others: said below
+            report_worker_death(error)
     if stop.STOPPING.is_set():  # SIGTERM passed on to a launcher's workers
         stop.stop_workers()
         print(
@@ -114,6 +127,18 @@ def launch() -> None:
             file=sys.stderr,
         )
         sys.exit(128 + signal.SIGTERM)
+
+
+def report_worker_death(error: Exception) -> NoReturn:
+    """Exit 1 with one paragraph: joblib stopped the sweep because one of its workers died."""
+    codes = re.search(r"exit codes of the workers are (\{.*?\})", str(error))
+    print(
+        f"train.py: a worker process of the joblib launcher died (exit code "
+        f"{codes.group(1) if codes else 'unknown'}: the OOM killer, a signal, a crash), and "
+        "joblib stopped the sweep's other workers with it; the jobs not started did not run",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ output folder at the same instant, as they do on a machine with cores to spare.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +26,10 @@ from mlflow import MlflowClient
 from mlflow_tg import keys
 from mlflow_tg.errors import InputError
 from mlflow_tg.predictor.dataset import build_dataset
-from mlflow_tg.tracking import stop
+from mlflow_tg.tracking import sweep
 from mlflow_tg.tracking.run import check_tracking_server, sqlite_lock
 from mlflow_tg.tracking.runs import CorruptHistoryError, load_run, load_runs, read_history
+from mlflow_tg.tracking.spool import read_journal, replay
 from tests.conftest import CONF_DIR
 from tests.servers import free_port
 
@@ -119,25 +123,30 @@ def training_without_end(folder: Path, uri: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def wait_for_training(process: subprocess.Popen, uri: str, runs: int) -> None:
+    """Until ``runs`` runs of ``process`` are RUNNING with an epoch logged."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the runs never started"
+        if path.exists():
+            with sqlite_lock(uri):  # not while the job creates the store
+                _, found = runs_of(uri)
+            training = [
+                r for r in found if r.info.status == "RUNNING" and "val_acc" in r.data.metrics
+            ]
+            if len(training) == runs:
+                return
+        time.sleep(0.5)
+
+
 def signal_once_training(
     process: subprocess.Popen, uri: str, runs: int, signum: int = signal.SIGTERM
 ) -> str:
     """``signum`` to ``process`` once ``runs`` runs are RUNNING with an epoch logged; its output."""
-    path = Path(uri.removeprefix("sqlite:///"))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "the runs never started"
-            if path.exists():
-                with sqlite_lock(uri):  # not while the job creates the store
-                    _, found = runs_of(uri)
-                training = [
-                    r for r in found if r.info.status == "RUNNING" and "val_acc" in r.data.metrics
-                ]
-                if len(training) == runs:
-                    break
-            time.sleep(0.5)
+        wait_for_training(process, uri, runs)
         process.send_signal(signum)  # to this process only, not its children
         return process.communicate(timeout=120)[0]
     finally:
@@ -188,9 +197,17 @@ def test_ctrl_c_ends_the_run_killed_and_the_process_with_130_in_one_line(tmp_pat
     assert run.info.status == "KILLED" and run.data.tags[keys.KILLED_BY] == "SIGINT"
 
 
+def cmdline(pid: int) -> str:
+    """The command line of process ``pid`` ('' once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def processes_of_sweep(launcher: int) -> list[int]:
     """Processes started for the sweep of ``launcher``: they carry its pid in their environment."""
-    mark = f"{stop.SWEEP_PID}={launcher}".encode()
+    mark = f"{sweep.SWEEP_PID}={launcher}".encode()
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
@@ -228,14 +245,130 @@ def test_sigterm_to_a_joblib_sweep_ends_its_running_runs_killed_and_starts_no_mo
     assert processes_of_sweep(process.pid) == []  # no worker left training, orphaned
 
 
+# --- B4: a joblib worker that dies mid-run ---------------------------------------------------
+
+A_WORKER_DIES = """
+import os, signal, sys
+from pathlib import Path
+from mlflow import MlflowClient
+from mlflow_tg.tracking import sweep
+from mlflow_tg.tracking.spool import Spool
+
+uri, folder = sys.argv[1], Path(sys.argv[2])
+client = MlflowClient(uri)
+run_id = client.create_run(client.create_experiment("tests")).info.run_id
+spool = Spool(folder, run_id, uri)  # its courier never starts: nothing reaches the store
+for epoch in range(3):
+    spool.append("metrics", step=epoch, values={"val_acc": epoch / 10})
+sweep.enrol(run_id, folder)
+print(run_id, flush=True)
+spool.journal.write('{"op":"metrics","seq":4,"ti')  # a last line cut by the SIGKILL
+spool.journal.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.fixture
+def as_launcher():
+    """This process as a sweep's launching process: its enrolment folder removed afterwards."""
+    yield str(os.getpid())
+    shutil.rmtree(sweep.enrolment(str(os.getpid())), ignore_errors=True)
+
+
+def worker_that_dies(uri: str, folder: Path) -> tuple[str, int]:
+    """A worker of this process's sweep that journals 3 epochs of a run and dies: (run, pid)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", A_WORKER_DIES, uri, str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, sweep.SWEEP_PID: str(os.getpid())},
+    )  # fmt: skip
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, err[-3000:]
+    return out.strip(), child.pid
+
+
+def test_a_dead_workers_run_gets_its_journaled_epochs_and_ends_killed(
+    client: MlflowClient, tmp_path: Path, as_launcher: str
+):
+    run_id, pid = worker_that_dies(client.tracking_uri, tmp_path / "spool")
+    assert client.get_run(run_id).info.status == "RUNNING"
+    (line,) = sweep.end_lost_runs(as_launcher)
+    assert line == f"run {run_id}: 3 journaled writes delivered, ended KILLED"
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and f"pid {pid}) died" in run.data.tags[keys.REAPED]
+    assert [m.value for m in client.get_metric_history(run_id, "val_acc")] == [0.0, 0.1, 0.2]
+    assert not sweep.enrolment(as_launcher).exists()
+    assert sweep.end_lost_runs(as_launcher) == []  # once
+
+
+def test_a_dead_workers_run_whose_store_is_away_journals_its_end_for_replay(
+    client: MlflowClient, tmp_path: Path, as_launcher: str
+):
+    run_id, _ = worker_that_dies(client.tracking_uri, tmp_path / "spool")
+    store = Path(client.tracking_uri.removeprefix("sqlite:///"))
+    store.rename(store.with_suffix(".away"))  # the store is gone while the sweep ends
+    (line,) = sweep.end_lost_runs(as_launcher)
+    assert "is journaled too" in line and f"mlflow-tg replay {tmp_path / 'spool'}" in line
+    store.with_suffix(".away").rename(store)
+    assert replay(tmp_path / "spool") == (run_id, 4)  # 3 epochs and the end, the cut line not
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert len(client.get_metric_history(run_id, "val_acc")) == 3
+
+
+def test_a_run_enrolled_by_a_worker_that_lives_is_left_alone(tmp_path: Path, as_launcher: str):
+    folder = sweep.enrolment(as_launcher)
+    folder.mkdir()
+    (folder / "a-run").write_text(json.dumps({"spool": str(tmp_path), "pid": os.getpid()}))
+    (line,) = sweep.end_lost_runs(as_launcher, wait_s=0.2)
+    assert line == f"run a-run: its worker (pid {os.getpid()}) still runs"
+
+
+@pytest.mark.slow
+def test_a_joblib_worker_killed_mid_run_leaves_no_run_running_and_loses_no_epoch(tmp_path):
+    """SIGKILL to one worker, as the OOM killer sends it: joblib kills the other one too."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         *TINY, "epochs=100000", "seed=1,2,3", f"tracking.uri={uri}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_training(process, uri, runs=2)
+        (victim, *_) = [p for p in processes_of_sweep(process.pid) if "LokyProcess" in cmdline(p)]
+        os.kill(victim, signal.SIGKILL)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, output[-3000:]
+    assert "Traceback" not in output and "{SIGKILL(-9)}" in output
+    client, runs = runs_of(uri)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    reaped = [r for r in runs if f"pid {victim}) died" in r.data.tags.get(keys.REAPED, "")]
+    assert len(reaped) == 1, [r.data.tags for r in runs]
+    for run in runs:  # every epoch journaled reached the store
+        (journal,) = [
+            path for path in tmp_path.glob("multirun/*/*/*/spool/journal.jsonl")
+            if read_journal(path.parent)[0]["run_id"] == run.info.run_id
+        ]  # fmt: skip
+        records = read_journal(journal.parent)[1]
+        epochs = [r["step"] for r in records if r["op"] == "metrics" and "val_acc" in r["values"]]
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == len(set(epochs))
+    time.sleep(2)
+    assert processes_of_sweep(process.pid) == []
+
+
 # --- B5: a sweep with a job that has a bad value --------------------------------------------
 
 
 @pytest.mark.slow
-def test_a_bad_job_of_a_multirun_is_refused_and_the_others_run(tmp_path: Path):
+@pytest.mark.parametrize(
+    "launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"]
+)
+def test_a_bad_job_of_a_multirun_is_refused_and_the_others_run(tmp_path: Path, launcher):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = subprocess.run(
-        [sys.executable, TRAIN, "-m", *TINY, "epochs=1", f"tracking.uri={uri}",
+        [sys.executable, TRAIN, "-m", *launcher, *TINY, "epochs=1", f"tracking.uri={uri}",
          "optimizer.lr=0.01,-1,0.02"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
 from mlflow_tg.errors import ConfigError
+from mlflow_tg.tracking import sweep
 from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered
 from mlflow_tg.tracking.spool import (
     MAX_TAG_LENGTH,
@@ -470,6 +471,7 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
             heartbeat_s = float(cfg.tracking.get("heartbeat_s", 60.0))
             logger.spool = Spool(folder, run.info.run_id, mlflow.get_tracking_uri(),
                                  heartbeat_s).start()  # fmt: skip
+            sweep.enrol(run.info.run_id, folder)
             logger.describe(description(cfg))
             mlflow.log_params(run_params(cfg))
             if hydra_dir is not None:
@@ -492,6 +494,9 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
             finally:  # the run ends FAILED even when the store refuses the tag
                 finish_run(logger, guard, RunStatus.FAILED, drain_s)
             raise
-        outcome = finish_run(logger, guard, RunStatus.FINISHED, drain_s)
+        else:
+            outcome = finish_run(logger, guard, RunStatus.FINISHED, drain_s)
+        finally:  # the run has ended, or its end waits in the spool: no longer a lost worker's
+            sweep.unenrol(run.info.run_id)
         if guard.pending:  # SIGTERM came while the run was ending: the process stops now
             raise Terminated(outcome=f"it came after the run's last epoch: {outcome}")

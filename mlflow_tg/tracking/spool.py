@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -365,12 +366,35 @@ def read_journal(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], in
             f"{str(folder)!r} is not a run's spool folder: it has no {JOURNAL}. A training run "
             "keeps one in its output folder (outputs/<date>/<time>/spool)."
         )
-    lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    lines = []
+    for number, line in enumerate(journal.read_text().splitlines(keepends=True)):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.endswith("\n"):  # not the last line, cut by SIGKILL while written
+                raise SpoolError(
+                    f"{journal} line {number + 1} is not a record: {line[:200]!r}"
+                ) from None
+            log.warning("%s: its last line was cut while written; it is left out", journal)
     if not lines or lines[0].get("op") != "run":
         raise SpoolError(f"{journal} does not start with its run's header: not a spool journal.")
     delivered_file = folder / DELIVERED
     delivered = int(delivered_file.read_text()) if delivered_file.exists() else 0
     return lines[0], lines[1:], delivered
+
+
+def journal_end(folder: Path, status: RunStatus) -> None:
+    """Journal the run's end, for ``replay`` to deliver, unless the journal has one."""
+    _, records, _ = read_journal(folder)
+    if records and records[-1]["op"] == "end":
+        return
+    record = {"op": "end", "seq": len(records) + 1, "time": int(time.time() * 1000),
+              "status": RunStatus.to_string(status)}  # fmt: skip
+    with open(folder / JOURNAL, "rb+") as journal:
+        text = journal.read()
+        journal.truncate(text.rfind(b"\n") + 1)  # a last line cut while written goes
+        journal.seek(0, os.SEEK_END)
+        journal.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
 
 def replay(folder: Path, uri: str | None = None) -> tuple[str, int]:

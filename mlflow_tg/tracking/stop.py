@@ -9,16 +9,16 @@ instead of raising (an exception back in joblib would make it SIGKILL the siblin
 whose runs are still ending). For the same reason the signal goes only to workers that handle
 it (those that have run a job): one that has not would die of it. From then on no job starts
 a run, in any worker (the launching process leaves a marker file), so the sweep drains in
-seconds.
+seconds. A run whose worker dies all the same is ended by the launching process (``sweep.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -26,10 +26,17 @@ from pathlib import Path
 from typing import TypeVar
 
 from mlflow_tg.tracking.run import Terminated
+from mlflow_tg.tracking.sweep import (
+    SWEEP_PID,
+    end_lost_runs,
+    enrolment,
+    in_worker,
+    marker,
+    tally_file,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SWEEP_PID = "MLFLOW_TG_SWEEP_PID"  # the launching process, in its jobs' environment
 STOPPING = threading.Event()  # this process got SIGTERM: it starts no more jobs
 IN_JOB = threading.Event()  # this process is running a job (train.py's main), before its run
 
@@ -57,11 +64,6 @@ def handles_sigterm(pid: int) -> bool:
         (line.split()[1] for line in status.splitlines() if line.startswith("SigCgt")), "0"
     )
     return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
-
-
-def marker(launcher: str) -> Path:
-    """The file that tells a sweep's workers that its launching process got SIGTERM."""
-    return Path(tempfile.gettempdir()) / f"mlflow_tg.sweep-{launcher}.stopping"
 
 
 def on_sigterm(signum: int, frame: object) -> None:
@@ -103,16 +105,9 @@ def start_launcher() -> None:
     """In the process that launches jobs: name it to its jobs, and handle SIGTERM."""
     os.environ[SWEEP_PID] = str(os.getpid())
     marker(str(os.getpid())).unlink(missing_ok=True)  # one left by a killed process of this pid
+    shutil.rmtree(enrolment(str(os.getpid())), ignore_errors=True)  # the same
+    tally_file(str(os.getpid())).unlink(missing_ok=True)
     install()
-
-
-def in_worker() -> bool:
-    """Whether this process is a worker that the launching process started (joblib's).
-
-    Its direct child: the jobs of other launchers (submitit's, SLURM's on other machines) are
-    not, and stop as a job of their own.
-    """
-    return os.environ.get(SWEEP_PID) == str(os.getppid())
 
 
 def run_job(job: Callable[[], T]) -> T | None:
@@ -139,9 +134,11 @@ def run_job(job: Callable[[], T]) -> T | None:
         IN_JOB.clear()
 
 
-def end_launcher() -> None:
-    """Remove the launching process's marker, if it left one."""
+def end_launcher() -> list[str]:
+    """Remove the launching process's files; end its lost workers' runs (one line for each)."""
     marker(str(os.getpid())).unlink(missing_ok=True)
+    tally_file(str(os.getpid())).unlink(missing_ok=True)
+    return end_lost_runs(str(os.getpid()))
 
 
 def stop_workers() -> None:
