@@ -74,8 +74,8 @@ def cli() -> None:
     finally:
         if lost := stop.end_launcher():
             print(
-                f"train.py: {len(lost)} run(s) of this sweep lost their worker process while "
-                "they trained; the launching process delivered what each had journaled:\n  "
+                f"train.py: {len(lost)} run(s) of this sweep were still enrolled by workers "
+                "that died (joblib kills them all when one dies); each one, as it was left:\n  "
                 + "\n  ".join(lost),
                 file=sys.stderr,
             )
@@ -95,7 +95,7 @@ def launch() -> None:
         print(translate_error(error, sys.argv[1:]) or error, file=sys.stderr)
         sys.exit(2)
     except InputError as error:  # raised by Hydra once a multirun with refused jobs is over
-        jobs = sweep.tallied(str(os.getpid()))
+        jobs = sweep.tallied()
         count = (
             f"{jobs.get('refused', 0)} of the {jobs['job']} jobs"
             if jobs.get("job")

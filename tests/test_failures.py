@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -254,13 +255,16 @@ from mlflow import MlflowClient
 from mlflow_tg.tracking import sweep
 from mlflow_tg.tracking.spool import Spool
 
-uri, folder = sys.argv[1], Path(sys.argv[2])
+uri, folder, tag = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 client = MlflowClient(uri)
 run_id = client.create_run(client.create_experiment("tests")).info.run_id
+sweep.enrol(run_id, folder, uri)
 spool = Spool(folder, run_id, uri)  # its courier never starts: nothing reaches the store
 for epoch in range(3):
     spool.append("metrics", step=epoch, values={"val_acc": epoch / 10})
-sweep.enrol(run_id, folder)
+if tag:
+    spool.append("tag", key=tag, value="x")
+(folder / "delivered").write_text("")  # cut by the SIGKILL too
 print(run_id, flush=True)
 spool.journal.write('{"op":"metrics","seq":4,"ti')  # a last line cut by the SIGKILL
 spool.journal.flush()
@@ -268,19 +272,26 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+def sweep_folders() -> set[Path]:
+    """The sweep folders in the temporary folder."""
+    return set(Path(tempfile.gettempdir()).glob("mlflow_tg.sweep-*"))
+
+
 @pytest.fixture
-def as_launcher():
-    """This process as a sweep's launching process: its enrolment folder removed afterwards."""
-    yield str(os.getpid())
-    shutil.rmtree(sweep.enrolment(str(os.getpid())), ignore_errors=True)
+def as_launcher(monkeypatch) -> Path:
+    """This process as a sweep's launching process; its folder is removed afterwards."""
+    where = Path(tempfile.mkdtemp(prefix="mlflow_tg.sweep-test."))
+    monkeypatch.setenv(sweep.SWEEP_PID, str(os.getpid()))
+    monkeypatch.setenv(sweep.SWEEP_DIR, str(where))
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
 
 
-def worker_that_dies(uri: str, folder: Path) -> tuple[str, int]:
+def worker_that_dies(uri: str, folder: Path, tag: str = "") -> tuple[str, int]:
     """A worker of this process's sweep that journals 3 epochs of a run and dies: (run, pid)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", A_WORKER_DIES, uri, str(folder)],
+        [sys.executable, "-c", A_WORKER_DIES, uri, str(folder), tag],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, sweep.SWEEP_PID: str(os.getpid())},
     )  # fmt: skip
     out, err = child.communicate(timeout=120)
     assert child.returncode == -signal.SIGKILL, err[-3000:]
@@ -288,39 +299,55 @@ def worker_that_dies(uri: str, folder: Path) -> tuple[str, int]:
 
 
 def test_a_dead_workers_run_gets_its_journaled_epochs_and_ends_killed(
-    client: MlflowClient, tmp_path: Path, as_launcher: str
+    client: MlflowClient, tmp_path: Path, as_launcher: Path
 ):
     run_id, pid = worker_that_dies(client.tracking_uri, tmp_path / "spool")
     assert client.get_run(run_id).info.status == "RUNNING"
-    (line,) = sweep.end_lost_runs(as_launcher)
-    assert line == f"run {run_id}: 3 journaled writes delivered, ended KILLED"
+    assert sweep.finish() == [f"run {run_id}: 3 journaled writes delivered, ended KILLED"]
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and f"pid {pid}) died" in run.data.tags[keys.REAPED]
     assert [m.value for m in client.get_metric_history(run_id, "val_acc")] == [0.0, 0.1, 0.2]
-    assert not sweep.enrolment(as_launcher).exists()
-    assert sweep.end_lost_runs(as_launcher) == []  # once
+    assert not as_launcher.exists()  # the sweep's folder goes with it
 
 
 def test_a_dead_workers_run_whose_store_is_away_journals_its_end_for_replay(
-    client: MlflowClient, tmp_path: Path, as_launcher: str
+    client: MlflowClient, tmp_path: Path, as_launcher: Path
 ):
     run_id, _ = worker_that_dies(client.tracking_uri, tmp_path / "spool")
     store = Path(client.tracking_uri.removeprefix("sqlite:///"))
     store.rename(store.with_suffix(".away"))  # the store is gone while the sweep ends
-    (line,) = sweep.end_lost_runs(as_launcher)
-    assert "is journaled too" in line and f"mlflow-tg replay {tmp_path / 'spool'}" in line
+    (line,) = sweep.end_lost_runs()
+    assert "its writes and its end (KILLED) wait" in line
+    assert line.endswith(f"mlflow-tg replay {tmp_path / 'spool'}")
     store.with_suffix(".away").rename(store)
     assert replay(tmp_path / "spool") == (run_id, 4)  # 3 epochs and the end, the cut line not
     assert client.get_run(run_id).info.status == "KILLED"
     assert len(client.get_metric_history(run_id, "val_acc")) == 3
 
 
-def test_a_run_enrolled_by_a_worker_that_lives_is_left_alone(tmp_path: Path, as_launcher: str):
-    folder = sweep.enrolment(as_launcher)
-    folder.mkdir()
-    (folder / "a-run").write_text(json.dumps({"spool": str(tmp_path), "pid": os.getpid()}))
-    (line,) = sweep.end_lost_runs(as_launcher, wait_s=0.2)
-    assert line == f"run a-run: its worker (pid {os.getpid()}) still runs"
+def test_a_dead_workers_run_ends_killed_even_when_the_store_refuses_its_journal(
+    client: MlflowClient, tmp_path: Path, as_launcher: Path
+):
+    run_id, _ = worker_that_dies(client.tracking_uri, tmp_path / "spool", tag="bad key/../x")
+    (line,) = sweep.end_lost_runs()
+    assert "ended KILLED; the store refused part of its journal" in line
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "refused" in run.data.tags[keys.REAPED]
+
+
+def test_a_run_enrolled_by_a_worker_that_lives_is_left_alone_and_a_reused_pid_is_not_it(
+    client: MlflowClient, tmp_path: Path, as_launcher: Path
+):
+    (as_launcher / "runs").mkdir()
+    run_id = client.create_run(client.create_experiment("tests")).info.run_id
+    me, started = os.getpid(), sweep.started_at(os.getpid())
+    entry = {"spool": str(tmp_path / "none"), "uri": client.tracking_uri, "pid": me}
+    (as_launcher / "runs" / run_id).write_text(json.dumps({**entry, "started": started}))
+    assert sweep.end_lost_runs(wait_s=0.2) == [f"run {run_id}: its worker (pid {me}) still runs"]
+    # the same pid, started at another time: the worker died, and its pid went to another one
+    (as_launcher / "runs" / run_id).write_text(json.dumps({**entry, "started": started - 1}))
+    assert sweep.end_lost_runs() == [f"run {run_id}: ended KILLED"]  # enrolled before its spool
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 @pytest.mark.slow
@@ -342,6 +369,7 @@ def test_a_joblib_worker_killed_mid_run_leaves_no_run_running_and_loses_no_epoch
             process.kill()
     assert process.returncode == 1, output[-3000:]
     assert "Traceback" not in output and "{SIGKILL(-9)}" in output
+    assert output.count("ended KILLED") >= 1  # the runs the launching process ended, listed
     client, runs = runs_of(uri)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
     reaped = [r for r in runs if f"pid {victim}) died" in r.data.tags.get(keys.REAPED, "")]
@@ -356,6 +384,7 @@ def test_a_joblib_worker_killed_mid_run_leaves_no_run_running_and_loses_no_epoch
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == len(set(epochs))
     time.sleep(2)
     assert processes_of_sweep(process.pid) == []
+    assert not [f for f in sweep_folders() if f.name.startswith(f"mlflow_tg.sweep-{process.pid}.")]
 
 
 # --- B5: a sweep with a job that has a bad value --------------------------------------------
@@ -367,6 +396,7 @@ def test_a_joblib_worker_killed_mid_run_leaves_no_run_running_and_loses_no_epoch
 )
 def test_a_bad_job_of_a_multirun_is_refused_and_the_others_run(tmp_path: Path, launcher):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = sweep_folders()
     result = subprocess.run(
         [sys.executable, TRAIN, "-m", *launcher, *TINY, "epochs=1", f"tracking.uri={uri}",
          "optimizer.lr=0.01,-1,0.02"],
@@ -379,6 +409,7 @@ def test_a_bad_job_of_a_multirun_is_refused_and_the_others_run(tmp_path: Path, l
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert output.count("optimizer.lr=-1.0 is not allowed") >= 1
     assert "1 of the 3 jobs" in output and "Traceback" not in output
+    assert sweep_folders() <= before  # the launching process removed its own
 
 
 # --- B7: a tracking server that is down ------------------------------------------------------

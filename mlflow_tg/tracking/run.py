@@ -468,10 +468,10 @@ def tracked_run(cfg: DictConfig) -> Iterator[RunLogger]:
         logger = RunLogger(run.info.run_id)
         try:
             folder, logger.spool_is_temporary = spool_folder(run.info.run_id)
+            sweep.enrol(run.info.run_id, folder, mlflow.get_tracking_uri())
             heartbeat_s = float(cfg.tracking.get("heartbeat_s", 60.0))
             logger.spool = Spool(folder, run.info.run_id, mlflow.get_tracking_uri(),
                                  heartbeat_s).start()  # fmt: skip
-            sweep.enrol(run.info.run_id, folder)
             logger.describe(description(cfg))
             mlflow.log_params(run_params(cfg))
             if hydra_dir is not None:

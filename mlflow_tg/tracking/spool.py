@@ -330,7 +330,7 @@ class Spool:
             self.cond.notify_all()
         if group:
             try:
-                (self.folder / DELIVERED).write_text(str(self.delivered))
+                note_delivered(self.folder, self.delivered)
             except OSError as error:  # a full disk: delivery goes on; a replay may send twice
                 log.warning("cannot note the delivered count in %s: %s", self.folder, error)
 
@@ -378,23 +378,46 @@ def read_journal(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], in
             log.warning("%s: its last line was cut while written; it is left out", journal)
     if not lines or lines[0].get("op") != "run":
         raise SpoolError(f"{journal} does not start with its run's header: not a spool journal.")
-    delivered_file = folder / DELIVERED
-    delivered = int(delivered_file.read_text()) if delivered_file.exists() else 0
-    return lines[0], lines[1:], delivered
+    return lines[0], lines[1:], read_delivered(folder)
 
 
-def journal_end(folder: Path, status: RunStatus) -> None:
-    """Journal the run's end, for ``replay`` to deliver, unless the journal has one."""
+def note_delivered(folder: Path, count: int) -> None:
+    """Note how many records the store has: whole, or not at all (a SIGKILL may come)."""
+    partial = folder / f"{DELIVERED}.tmp"
+    partial.write_text(str(count))
+    partial.replace(folder / DELIVERED)
+
+
+def read_delivered(folder: Path) -> int:
+    """How many records the store has, as noted; 0 when unknown (delivering twice is harmless)."""
+    try:
+        return int((folder / DELIVERED).read_text())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as error:
+        log.warning("%s: delivered count unreadable (%s); delivering from the start", folder, error)
+        return 0
+
+
+def journal_end(folder: Path, status: RunStatus) -> bool:
+    """Journal the run's end, for ``replay`` to deliver; False when the journal has one already."""
     _, records, _ = read_journal(folder)
     if records and records[-1]["op"] == "end":
-        return
+        return False
     record = {"op": "end", "seq": len(records) + 1, "time": int(time.time() * 1000),
               "status": RunStatus.to_string(status)}  # fmt: skip
     with open(folder / JOURNAL, "rb+") as journal:
         text = journal.read()
-        journal.truncate(text.rfind(b"\n") + 1)  # a last line cut while written goes
-        journal.seek(0, os.SEEK_END)
+        last = text[text.rfind(b"\n") + 1 :]
+        if last:  # no line break at the end: a last line cut while written goes, a whole one stays
+            try:
+                json.loads(last)
+                journal.write(b"\n")
+            except json.JSONDecodeError:
+                journal.truncate(len(text) - len(last))
+                journal.seek(0, os.SEEK_END)
         journal.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+    return True
 
 
 def replay(folder: Path, uri: str | None = None) -> tuple[str, int]:
@@ -419,5 +442,5 @@ def replay(folder: Path, uri: str | None = None) -> tuple[str, int]:
                 "accepts it."
             ) from None
         delivered += len(group)
-        (folder / DELIVERED).write_text(str(delivered))
+        note_delivered(folder, delivered)
     return header["run_id"], len(left)

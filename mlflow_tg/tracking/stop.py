@@ -8,7 +8,7 @@ on to its child processes, and a worker whose run was ended this way returns fro
 instead of raising (an exception back in joblib would make it SIGKILL the sibling workers,
 whose runs are still ending). For the same reason the signal goes only to workers that handle
 it (those that have run a job): one that has not would die of it. From then on no job starts
-a run, in any worker (the launching process leaves a marker file), so the sweep drains in
+a run, in any worker (a file in the sweep's folder says so), so the sweep drains in
 seconds. A run whose worker dies all the same is ended by the launching process (``sweep.py``).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -25,15 +24,9 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
 
+from mlflow_tg.tracking import sweep
 from mlflow_tg.tracking.run import Terminated
-from mlflow_tg.tracking.sweep import (
-    SWEEP_PID,
-    end_lost_runs,
-    enrolment,
-    in_worker,
-    marker,
-    tally_file,
-)
+from mlflow_tg.tracking.sweep import in_worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,7 +72,7 @@ def on_sigterm(signum: int, frame: object) -> None:
             return  # between jobs: the next ones do not start (raising would kill the worker)
     else:
         with suppress(OSError):
-            marker(str(os.getpid())).touch()
+            sweep.stop_all()
         workers = [child for child in child_processes(os.getpid()) if handles_sigterm(child)]
         for worker in workers:  # a worker that never ran a job would die of it: not those
             with suppress(ProcessLookupError):  # gone meanwhile
@@ -91,8 +84,7 @@ def on_sigterm(signum: int, frame: object) -> None:
 
 def stopping() -> bool:
     """Whether no job should start: this process or the sweep's launching process got SIGTERM."""
-    launcher = os.environ.get(SWEEP_PID)
-    return STOPPING.is_set() or (launcher is not None and marker(launcher).exists())
+    return STOPPING.is_set() or sweep.stopping()
 
 
 def install() -> None:
@@ -103,10 +95,7 @@ def install() -> None:
 
 def start_launcher() -> None:
     """In the process that launches jobs: name it to its jobs, and handle SIGTERM."""
-    os.environ[SWEEP_PID] = str(os.getpid())
-    marker(str(os.getpid())).unlink(missing_ok=True)  # one left by a killed process of this pid
-    shutil.rmtree(enrolment(str(os.getpid())), ignore_errors=True)  # the same
-    tally_file(str(os.getpid())).unlink(missing_ok=True)
+    sweep.start()
     install()
 
 
@@ -135,10 +124,8 @@ def run_job(job: Callable[[], T]) -> T | None:
 
 
 def end_launcher() -> list[str]:
-    """Remove the launching process's files; end its lost workers' runs (one line for each)."""
-    marker(str(os.getpid())).unlink(missing_ok=True)
-    tally_file(str(os.getpid())).unlink(missing_ok=True)
-    return end_lost_runs(str(os.getpid()))
+    """End the runs of lost workers (one line for each), and remove the sweep's folder."""
+    return sweep.finish()
 
 
 def stop_workers() -> None:

@@ -1,14 +1,19 @@
 """The processes of one sweep: the launching process, and the workers that run its jobs.
 
+The launching process makes a private folder (mode 700) and names it, with its pid, to every
+job in the environment. The folder holds what the processes of the sweep tell each other:
+``stopping`` (it got SIGTERM: no job starts after it), ``jobs`` (one word per job run or
+refused, for the count at the end) and ``runs/`` (the runs that workers are running).
+
 Joblib's launcher runs each job in a worker process that the launching process started. When
 one worker dies (the OOM killer, a signal to the whole process group, a crash), joblib kills
 the others at once, mid-run: none of them can end its run, and MLflow would keep every one
-RUNNING. So while a worker runs a job, its run is enrolled in a folder of the launching
-process (the run's id, its spool folder, the worker's pid). A worker that ends its run, in any
-way, takes it out again. What is left once the sweep is over belongs to a worker that died:
-the launching process delivers what the run's journal holds (every epoch journaled before the
-worker died) and ends the run KILLED, its ``mlflow_tg.reaped`` tag saying why. If the store
-does not answer, the run's end joins its journal for ``mlflow-tg replay``.
+RUNNING. So a worker enrols its run in ``runs/`` before the run writes anything and takes it
+out once the run has ended (or its end waits in the spool for ``mlflow-tg replay``). What is
+left there once the sweep is over belongs to a worker that died: the launching process
+delivers what the run's journal holds (every epoch journaled before the worker died) and ends
+the run KILLED, its ``mlflow_tg.reaped`` tag saying why. If the store does not answer, the
+run's end joins its journal for ``mlflow-tg replay``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -25,14 +31,27 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
 
 from mlflow_tg import keys
-from mlflow_tg.tracking.spool import SpoolError, journal_end, read_journal, replay
+from mlflow_tg.tracking.health import store_unreachable
+from mlflow_tg.tracking.spool import JOURNAL, MAX_TAG_LENGTH, SpoolError, journal_end, replay
 
 log = logging.getLogger(__name__)
 SWEEP_PID = "MLFLOW_TG_SWEEP_PID"  # the launching process, in its jobs' environment
+SWEEP_DIR = "MLFLOW_TG_SWEEP_DIR"  # its private folder, the same
 DEATH_WAIT_S = 10.0  # how long a lost worker is waited for to be gone, once the sweep is over
+
+
+def start() -> None:
+    """In the launching process: make the sweep's folder and name it to the jobs."""
+    os.environ[SWEEP_PID] = str(os.getpid())
+    os.environ[SWEEP_DIR] = tempfile.mkdtemp(prefix=f"mlflow_tg.sweep-{os.getpid()}.")
+
+
+def folder() -> Path | None:
+    """The sweep's folder, where this process can reach it (not on another machine)."""
+    named = os.environ.get(SWEEP_DIR)
+    return Path(named) if named and Path(named).is_dir() else None
 
 
 def in_worker() -> bool:
@@ -44,127 +63,150 @@ def in_worker() -> bool:
     return os.environ.get(SWEEP_PID) == str(os.getppid())
 
 
-def marker(launcher: str) -> Path:
-    """The file that tells a sweep's workers that its launching process got SIGTERM."""
-    return Path(tempfile.gettempdir()) / f"mlflow_tg.sweep-{launcher}.stopping"
+def in_sweep() -> bool:
+    """Whether this process is the launching process, or one of its workers."""
+    return in_worker() or os.environ.get(SWEEP_PID) == str(os.getpid())
 
 
-def enrolment(launcher: str) -> Path:
-    """The folder where a sweep's workers enrol the runs they are running."""
-    return Path(tempfile.gettempdir()) / f"mlflow_tg.sweep-{launcher}.runs"
+def stop_all() -> None:
+    """Tell every process of the sweep that no job starts any more."""
+    if (where := folder()) is not None:
+        (where / "stopping").touch()
 
 
-def enrol(run_id: str, spool_folder: Path) -> None:
-    """In a worker: note that this process runs ``run_id`` (nothing elsewhere)."""
-    if not in_worker():
+def stopping() -> bool:
+    """Whether the launching process told the sweep to stop."""
+    return (where := folder()) is not None and (where / "stopping").exists()
+
+
+def tally(event: str) -> None:
+    """Note one job of this sweep (``job``) or one refused for bad input (``refused``).
+
+    Appended by whichever process runs the job (the launching one, or a worker), so that the
+    launching process counts them all; jobs on other machines (submitit's) are not counted.
+    """
+    if in_sweep() and (where := folder()) is not None:
+        with open(where / "jobs", "a") as tallied:  # one short append: whole lines
+            tallied.write(f"{event}\n")
+
+
+def tallied() -> dict[str, int]:
+    """How many jobs of the sweep noted each event."""
+    try:
+        words = (folder() / "jobs").read_text().split()
+    except (OSError, TypeError):  # nothing noted; no folder
+        return {}
+    return {word: words.count(word) for word in set(words)}
+
+
+def started_at(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot); None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def enrol(run_id: str, spool_folder: Path, uri: str) -> None:
+    """In a worker, before its run writes anything: note that this process runs ``run_id``."""
+    if not in_worker() or (where := folder()) is None:
         return
-    folder = enrolment(os.environ[SWEEP_PID])
-    folder.mkdir(exist_ok=True)
-    entry = {"spool": str(spool_folder), "pid": os.getpid()}
-    (folder / f"{run_id}.tmp").write_text(json.dumps(entry))
-    (folder / f"{run_id}.tmp").rename(folder / run_id)  # whole, or not there
+    runs = where / "runs"
+    runs.mkdir(exist_ok=True)
+    entry = {"spool": str(spool_folder), "uri": uri, "pid": os.getpid(),
+             "started": started_at(os.getpid())}  # fmt: skip
+    (runs / f"{run_id}.tmp").write_text(json.dumps(entry))
+    (runs / f"{run_id}.tmp").replace(runs / run_id)  # whole, or not there
 
 
 def unenrol(run_id: str) -> None:
-    """In a worker: its run has ended (or its end waits in the spool for a replay)."""
-    if in_worker():
-        (enrolment(os.environ[SWEEP_PID]) / run_id).unlink(missing_ok=True)
+    """The run has ended (or its end waits in the spool): no longer a lost worker's."""
+    if (where := folder()) is not None:
+        (where / "runs" / run_id).unlink(missing_ok=True)
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def gone(pid: int, wait_s: float) -> bool:
-    """Whether process ``pid`` is gone, waiting up to ``wait_s`` for it."""
+def gone(pid: int, started: int | None, wait_s: float) -> bool:
+    """Whether process ``pid`` (started at ``started``) is gone, waiting up to ``wait_s``."""
     deadline = time.monotonic() + wait_s
-    while alive(pid):
+    while (now := started_at(pid)) is not None and now == started:  # a new one: pid reused
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
     return True
 
 
-def end_lost_run(spool: Path, pid: int) -> str:
+def end_lost_run(run_id: str, spool: Path, uri: str, pid: int) -> str:
     """Deliver a dead worker's run from its journal and end it KILLED; say what was done."""
-    try:
-        run_id, delivered = replay(spool)
-    except SpoolError as error:  # the store is away: the end waits in the journal
-        journal_end(spool, RunStatus.KILLED)
-        return (
-            f"its writes could not be delivered ({error}); its end (KILLED) is journaled too: "
-            f"deliver both with mlflow-tg replay {spool}"
-        )
-    client = MlflowClient(read_journal(spool)[0]["uri"])
+    journaled = (spool / JOURNAL).is_file()
+    if (why := store_unreachable(uri)) is not None:
+        if not journaled:
+            return f"still RUNNING ({why}); mlflow-tg reap ends it once its heartbeat is stale"
+        if journal_end(spool, RunStatus.KILLED):
+            waits = "its writes and its end (KILLED) wait"
+        else:
+            waits = "its writes and its own end wait"
+        return f"{why}: {waits} in {spool}; deliver them with mlflow-tg replay {spool}"
+    done, refused = "", ""
+    if journaled:
+        try:
+            done = f"{replay(spool, uri)[1]} journaled writes delivered, "
+        except SpoolError as error:  # the store refused a write for good: the run ends anyway
+            refused = f"; the store refused part of its journal: {error}"
+    client = MlflowClient(uri)
     if client.get_run(run_id).info.status != "RUNNING":
-        return f"{delivered} journaled writes delivered; it had ended"
+        return f"{done}it had ended{refused}"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     client.set_tag(
         run_id,
         keys.REAPED,
         f"its joblib worker process (pid {pid}) died while it ran (the OOM killer, a signal, "
         "or joblib stopping the sweep's workers after another one died); ended KILLED by the "
-        f"sweep's launching process at {stamp}",
+        f"sweep's launching process at {stamp}{refused}"[:MAX_TAG_LENGTH],
     )
-    client.set_terminated(run_id, "KILLED")
-    return f"{delivered} journaled writes delivered, ended KILLED"
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    return f"{done}ended KILLED{refused}"
 
 
-def end_lost_runs(launcher: str, wait_s: float = DEATH_WAIT_S) -> list[str]:
+def end_lost_runs(wait_s: float = DEATH_WAIT_S) -> list[str]:
     """In the launching process, once the sweep is over: end the runs of workers that died.
 
     Returns one line per run. A run whose worker still lives after ``wait_s`` is left alone
     (``mlflow-tg reap`` ends it once its heartbeat is stale).
     """
-    folder = enrolment(launcher)
-    if not folder.is_dir():
+    if (where := folder()) is None or not (runs := where / "runs").is_dir():
         return []
-    lines = []
-    for entry in sorted(folder.iterdir()):
-        if entry.suffix == ".tmp":
-            continue
-        enrolled = json.loads(entry.read_text())
-        if not gone(enrolled["pid"], wait_s):
-            lines.append(f"run {entry.name}: its worker (pid {enrolled['pid']}) still runs")
-            continue
-        try:
-            done = end_lost_run(Path(enrolled["spool"]), enrolled["pid"])
-        except (MlflowException, SpoolError, OSError) as error:
-            done = f"could not be ended ({error}); mlflow-tg reap ends it once it is stale"
-        lines.append(f"run {entry.name}: {done}")
-        entry.unlink()
-    shutil.rmtree(folder, ignore_errors=True)
+    lines, seen = [], set()
+    while entries := sorted(p for p in runs.iterdir() if p.suffix != ".tmp" and p not in seen):
+        for entry in entries:  # listed again after: a worker may have enrolled while dying
+            seen.add(entry)
+            try:
+                enrolled = json.loads(entry.read_text())
+                if not gone(enrolled["pid"], enrolled["started"], wait_s):
+                    done = f"its worker (pid {enrolled['pid']}) still runs"
+                else:
+                    done = end_lost_run(entry.name, Path(enrolled["spool"]), enrolled["uri"],
+                                        enrolled["pid"])  # fmt: skip
+            except Exception as error:  # one run that cannot be ended does not stop the others
+                done = f"not ended ({type(error).__name__}: {error}); mlflow-tg reap ends it"
+            lines.append(f"run {entry.name}: {done}")
     return lines
 
 
-def tally_file(launcher: str) -> Path:
-    """The file where a sweep's jobs note that they ran, or were refused (one word a line)."""
-    return Path(tempfile.gettempdir()) / f"mlflow_tg.sweep-{launcher}.jobs"
+def finish() -> list[str]:
+    """In the launching process, at its end: end lost workers' runs, then remove the folder.
 
-
-def tally(event: str) -> None:
-    """Note one job of this sweep (``job``) or one refused for bad input (``refused``).
-
-    Appended by whichever process runs the job (the launching one, or a worker), so the
-    launching process counts them all; jobs on other machines (submitit) are not counted.
+    Ctrl-C and SIGTERM wait meanwhile: the runs are being ended.
     """
-    if (launcher := os.environ.get(SWEEP_PID)) is not None:
-        with open(tally_file(launcher), "a") as tallied:  # one short append: whole lines
-            tallied.write(f"{event}\n")
-
-
-def tallied(launcher: str) -> dict[str, int]:
-    """How many jobs of the sweep noted each event."""
+    if (where := folder()) is None:
+        return []
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        words = tally_file(launcher).read_text().split()
-    except OSError:
-        return {}
-    return {word: words.count(word) for word in set(words)}
+        return end_lost_runs()
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def worker_died(error: BaseException) -> bool:
