@@ -136,10 +136,13 @@ def gone(pid: int, started: int | None, wait_s: float) -> bool:
     return True
 
 
-def end_lost_run(run_id: str, spool: Path, uri: str, pid: int) -> str:
-    """Deliver a dead worker's run from its journal and end it KILLED; say what was done."""
+def end_lost_run(run_id: str, spool: Path, uri: str, pid: int, why: str | None) -> str:
+    """Deliver a dead worker's run from its journal and end it KILLED; say what was done.
+
+    ``why``: why the store cannot be reached, or None when it can.
+    """
     journaled = (spool / JOURNAL).is_file()
-    if (why := store_unreachable(uri)) is not None:
+    if why is not None:
         if not journaled:
             return f"still RUNNING ({why}); mlflow-tg reap ends it once its heartbeat is stale"
         if journal_end(spool, RunStatus.KILLED):
@@ -176,7 +179,7 @@ def end_lost_runs(wait_s: float = DEATH_WAIT_S) -> list[str]:
     """
     if (where := folder()) is None or not (runs := where / "runs").is_dir():
         return []
-    lines, seen = [], set()
+    lines, seen, unreachable = [], set(), {}  # a server down is waited for once, not per run
     while entries := sorted(p for p in runs.iterdir() if p.suffix != ".tmp" and p not in seen):
         for entry in entries:  # listed again after: a worker may have enrolled while dying
             seen.add(entry)
@@ -185,8 +188,11 @@ def end_lost_runs(wait_s: float = DEATH_WAIT_S) -> list[str]:
                 if not gone(enrolled["pid"], enrolled["started"], wait_s):
                     done = f"its worker (pid {enrolled['pid']}) still runs"
                 else:
-                    done = end_lost_run(entry.name, Path(enrolled["spool"]), enrolled["uri"],
-                                        enrolled["pid"])  # fmt: skip
+                    uri = enrolled["uri"]
+                    if uri not in unreachable:
+                        unreachable[uri] = store_unreachable(uri)
+                    done = end_lost_run(entry.name, Path(enrolled["spool"]), uri,
+                                        enrolled["pid"], unreachable[uri])  # fmt: skip
             except Exception as error:  # one run that cannot be ended does not stop the others
                 done = f"not ended ({type(error).__name__}: {error}); mlflow-tg reap ends it"
             lines.append(f"run {entry.name}: {done}")
