@@ -30,7 +30,7 @@ from mlflow_tg.predictor.dataset import build_dataset
 from mlflow_tg.tracking import sweep
 from mlflow_tg.tracking.run import check_tracking_server, sqlite_lock
 from mlflow_tg.tracking.runs import CorruptHistoryError, load_run, load_runs, read_history
-from mlflow_tg.tracking.spool import read_journal, replay
+from mlflow_tg.tracking.spool import Spool, read_journal, replay
 from tests.conftest import CONF_DIR
 from tests.servers import free_port
 
@@ -348,6 +348,22 @@ def test_a_run_enrolled_by_a_worker_that_lives_is_left_alone_and_a_reused_pid_is
     (as_launcher / "runs" / run_id).write_text(json.dumps({**entry, "started": started - 1}))
     assert sweep.end_lost_runs() == [f"run {run_id}: ended KILLED"]  # enrolled before its spool
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_spool_folder_holding_another_runs_journal_is_not_replayed_into_a_lost_run(
+    client: MlflowClient, tmp_path: Path, as_launcher: Path
+):
+    experiment = client.create_experiment("tests")
+    lost, earlier = (client.create_run(experiment).info.run_id for _ in "ab")
+    spool = Spool(tmp_path / "spool", earlier, client.tracking_uri)  # a fixed hydra.run.dir
+    spool.append("metrics", step=0, values={"val_acc": 0.5})
+    (as_launcher / "runs").mkdir()
+    entry = {"spool": str(tmp_path / "spool"), "uri": client.tracking_uri, "pid": os.getpid(),
+             "started": -1}  # fmt: skip
+    (as_launcher / "runs" / lost).write_text(json.dumps(entry))
+    assert sweep.end_lost_runs() == [f"run {lost}: ended KILLED"]
+    assert client.get_metric_history(lost, "val_acc") == []
+    assert client.get_run(earlier).info.status == "RUNNING"  # its journal, left for its replay
 
 
 @pytest.mark.slow

@@ -34,7 +34,14 @@ from mlflow.entities import RunStatus
 
 from mlflow_tg import keys
 from mlflow_tg.tracking.health import store_unreachable
-from mlflow_tg.tracking.spool import JOURNAL, MAX_TAG_LENGTH, SpoolError, journal_end, replay
+from mlflow_tg.tracking.spool import (
+    JOURNAL,
+    MAX_TAG_LENGTH,
+    SpoolError,
+    journal_end,
+    read_journal,
+    replay,
+)
 
 log = logging.getLogger(__name__)
 SWEEP_PID = "MLFLOW_TG_SWEEP_PID"  # the launching process, in its jobs' environment
@@ -141,7 +148,12 @@ def end_lost_run(run_id: str, spool: Path, uri: str, pid: int, why: str | None) 
 
     ``why``: why the store cannot be reached, or None when it can.
     """
-    journaled = (spool / JOURNAL).is_file()
+    journaled, trouble = False, ""
+    if (spool / JOURNAL).is_file():
+        try:  # a folder used again (a fixed hydra.run.dir) may hold another run's journal
+            journaled = read_journal(spool)[0]["run_id"] == run_id
+        except SpoolError as error:  # the run ends all the same
+            trouble = f"; its journal cannot be read: {error}"
     if why is not None:
         if not journaled:
             return f"still RUNNING ({why}); mlflow-tg reap ends it once its heartbeat is stale"
@@ -150,25 +162,25 @@ def end_lost_run(run_id: str, spool: Path, uri: str, pid: int, why: str | None) 
         else:
             waits = "its writes and its own end wait"
         return f"{why}: {waits} in {spool}; deliver them with mlflow-tg replay {spool}"
-    done, refused = "", ""
+    done = ""
     if journaled:
         try:
             done = f"{replay(spool, uri)[1]} journaled writes delivered, "
         except SpoolError as error:  # the store refused a write for good: the run ends anyway
-            refused = f"; the store refused part of its journal: {error}"
+            trouble = f"; the store refused part of its journal: {error}"
     client = MlflowClient(uri)
     if client.get_run(run_id).info.status != "RUNNING":
-        return f"{done}it had ended{refused}"
+        return f"{done}it had ended{trouble}"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     client.set_tag(
         run_id,
         keys.REAPED,
         f"its joblib worker process (pid {pid}) died while it ran (the OOM killer, a signal, "
         "or joblib stopping the sweep's workers after another one died); ended KILLED by the "
-        f"sweep's launching process at {stamp}{refused}"[:MAX_TAG_LENGTH],
+        f"sweep's launching process at {stamp}{trouble}"[:MAX_TAG_LENGTH],
     )
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-    return f"{done}ended KILLED{refused}"
+    return f"{done}ended KILLED{trouble}"
 
 
 def end_lost_runs(wait_s: float = DEATH_WAIT_S) -> list[str]:
