@@ -60,6 +60,17 @@ def test_a_spool_left_undelivered_is_replayed_once(client: MlflowClient, tmp_pat
     assert replay(tmp_path / "spool") == (run_id, 0)  # delivered once: nothing twice
 
 
+def test_a_courier_that_delivers_the_rest_while_it_is_stopped_has_delivered_everything(
+    client: MlflowClient, tmp_path: Path
+):
+    run_id = client.create_run(client.create_experiment("tests")).info.run_id
+    spool = Spool(tmp_path / "spool", run_id, client.tracking_uri).start()
+    for epoch in range(50):
+        spool.append("metrics", step=epoch, values={"val_acc": epoch / 100})
+    assert spool.close(RunStatus.FINISHED, timeout_s=0) is True  # no wait, then the join's 5 s
+    assert len(client.get_metric_history(run_id, "val_acc")) == 50
+
+
 def test_a_spool_folder_reused_by_a_new_run_keeps_the_earlier_journal_apart(
     client: MlflowClient, tmp_path: Path
 ):

@@ -266,7 +266,9 @@ class Spool:
     def close(self, status: RunStatus, timeout_s: float, hurry: Hurry | None = None) -> bool:
         """Drain (see ``drain``), stop the courier; True when the store has every record.
 
-        Otherwise the run's end is journaled too, for ``mlflow-tg replay`` to deliver.
+        Otherwise the run's end is journaled too, for ``mlflow-tg replay`` to deliver. True also
+        when the courier delivered the rest while it was being stopped: the run's end, also in
+        the journal then, is the caller's to send.
         """
         try:
             delivered = self.drain(timeout_s, hurry)
@@ -282,7 +284,9 @@ class Spool:
             if self.thread.ident is not None:
                 self.thread.join(timeout=5)
             self.journal.close()
-        return delivered
+        # the courier may have delivered the rest while it was waited for: then only the end,
+        # which the caller sends, is missing
+        return delivered or (not self.pending and self.error is None)
 
     # --- the courier -----------------------------------------------------------------------
 
