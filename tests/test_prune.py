@@ -122,6 +122,12 @@ def test_mates_curves_are_read_again_only_while_they_can_change(tracking_uri, cl
                 curves_at(epoch)[run_id] == {e: 0.5 for e in range(4)} for run_id in finished
             )
         assert set(reads[6:]) == {running.info.run_id}  # the ended mates were never read again
+    late = finished[0]  # ended, then given an epoch (mlflow-tg reap, then replay)
+    client.log_metric(late, keys.VAL_ACC, 0.7, step=4)
+    assert curves_at(4)[late] == {**{e: 0.5 for e in range(4)}, 4: 0.7}
+    assert reads.count(late) == 2
+    curves_at(4)
+    assert reads.count(late) == 2  # read again once
 
 
 @pytest.mark.parametrize("policy", ["median", "predicted"])

@@ -31,7 +31,9 @@ class MateCurves:
     The median rule compares every mate at every epoch. Read afresh each time, a sweep of N
     jobs of E epochs would ask the store for about N² x E histories; here a job reads a
     mate's history again only when the mate is still running and the cached curve lacks the
-    epoch being decided, so a mate that ended is read once.
+    epoch being decided, so a mate that ended is read once. Once, unless its latest
+    ``val_acc`` (in the search's answer, so free) is not its curve's last: epochs that reached
+    the store after the run was ended (``mlflow-tg reap`` ended it, ``replay`` delivered them).
     """
 
     def __init__(self) -> None:
@@ -42,6 +44,9 @@ class MateCurves:
         """The mate's curve, complete at least up to ``epoch`` as far as the mate got."""
         run_id = mate.info.run_id
         curve = self.cached.get(run_id)
+        if run_id in self.ended and grew_after_end(curve, mate):
+            self.ended.discard(run_id)
+            curve = None
         if curve is None or (run_id not in self.ended and epoch not in curve):
             ended = RunStatus.is_terminated(RunStatus.from_string(mate.info.status))
             history = client.get_metric_history(run_id, keys.VAL_ACC)
@@ -49,6 +54,12 @@ class MateCurves:
             if ended:  # status read before the history: nothing can follow what was read
                 self.ended.add(run_id)
         return curve
+
+
+def grew_after_end(curve: dict[int, float], mate: Run) -> bool:
+    """Whether the mate's latest ``val_acc`` in the store is not the last of ``curve``."""
+    latest = mate.data.metrics.get(keys.VAL_ACC)
+    return bool(curve) and latest is not None and latest != curve[max(curve)]
 
 
 def as_view(run: Run, val_acc: dict[int, float] | None = None) -> RunView:
