@@ -68,15 +68,19 @@ def refuse(error: InputError, multirun: bool) -> NoReturn:
 def cli() -> None:
     """``launch()`` in the process that launches the jobs (SIGTERM: ``tracking/stop.py``)."""
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # workers killed mid-run leave semaphores that Python's resource tracker removes itself,
+    # warning about them at exit: noise after the lines that say how the runs ended
+    quiet = [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, quiet))
     stop.start_launcher()
     try:
         launch()
     finally:
         if lost := stop.end_launcher():
             print(
-                f"train.py: {len(lost)} run(s) of this sweep were still enrolled by workers "
-                "that died (joblib kills them all when one dies); each one, as it was left:\n  "
-                + "\n  ".join(lost),
+                f"train.py: {len(lost)} run(s) of this sweep were left unended by their "
+                "worker, which joblib stopped or which died; each one, as the launching process "
+                "left it:\n  " + "\n  ".join(lost),
                 file=sys.stderr,
             )
 

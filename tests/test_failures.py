@@ -320,8 +320,9 @@ def test_a_dead_workers_run_whose_store_is_away_journals_its_end_for_replay(
     assert "its writes and its end (KILLED) wait" in line
     assert line.endswith(f"mlflow-tg replay {tmp_path / 'spool'}")
     store.with_suffix(".away").rename(store)
-    assert replay(tmp_path / "spool") == (run_id, 4)  # 3 epochs and the end, the cut line not
-    assert client.get_run(run_id).info.status == "KILLED"
+    assert replay(tmp_path / "spool") == (run_id, 5)  # 3 epochs, why, the end; the cut line not
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "died while it ran" in run.data.tags[keys.REAPED]
     assert len(client.get_metric_history(run_id, "val_acc")) == 3
 
 
@@ -401,6 +402,37 @@ def test_a_joblib_worker_killed_mid_run_leaves_no_run_running_and_loses_no_epoch
     time.sleep(2)
     assert processes_of_sweep(process.pid) == []
     assert not [f for f in sweep_folders() if f.name.startswith(f"mlflow_tg.sweep-{process.pid}.")]
+
+
+@pytest.mark.slow
+def test_joblib_workers_whose_launching_process_is_killed_finish_their_runs_and_exit(tmp_path):
+    """SIGKILL to the launching process: its workers, orphaned, must not wait for ever."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = (tmp_path / "output.log").open("w")  # not a pipe: no one would read it after the kill
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         *TINY, "epochs=300", "seed=1,2,3", f"tracking.uri={uri}"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_training(process, uri, runs=2)
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 300
+        while processes_of_sweep(process.pid):
+            assert time.monotonic() < deadline, "the orphaned workers did not exit"
+            time.sleep(1)
+    finally:
+        for pid in processes_of_sweep(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+        for left in sweep_folders():  # the killed process could not remove its own
+            if left.name.startswith(f"mlflow_tg.sweep-{process.pid}."):
+                shutil.rmtree(left)
+    assert (tmp_path / "output.log").read_text().count("this worker exits") == 2
+    _, runs = runs_of(uri)
+    assert len(runs) == 2  # the queued job did not start
+    assert {r.info.status for r in runs} == {"FINISHED"}
 
 
 # --- B5: a sweep with a job that has a bad value --------------------------------------------

@@ -403,13 +403,21 @@ def read_delivered(folder: Path) -> int:
         return 0
 
 
-def journal_end(folder: Path, status: RunStatus) -> bool:
-    """Journal the run's end, for ``replay`` to deliver; False when the journal has one already."""
+def journal_end(folder: Path, status: RunStatus, tags: dict[str, str] | None = None) -> bool:
+    """Journal ``tags`` and the run's end, for ``replay`` to deliver.
+
+    False, and nothing journaled, when the journal has an end already.
+    """
     _, records, _ = read_journal(folder)
     if records and records[-1]["op"] == "end":
         return False
-    record = {"op": "end", "seq": len(records) + 1, "time": int(time.time() * 1000),
-              "status": RunStatus.to_string(status)}  # fmt: skip
+    now, seq = int(time.time() * 1000), len(records)
+    lines = [
+        {"op": "tag", "seq": seq + number, "time": now, "key": key, "value": value}
+        for number, (key, value) in enumerate((tags or {}).items(), start=1)
+    ]
+    end = {"op": "end", "seq": seq + len(lines) + 1, "time": now}
+    lines.append(end | {"status": RunStatus.to_string(status)})
     with open(folder / JOURNAL, "rb+") as journal:
         text = journal.read()
         last = text[text.rfind(b"\n") + 1 :]
@@ -420,7 +428,8 @@ def journal_end(folder: Path, status: RunStatus) -> bool:
             except json.JSONDecodeError:
                 journal.truncate(len(text) - len(last))
                 journal.seek(0, os.SEEK_END)
-        journal.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        for line in lines:
+            journal.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
     return True
 
 

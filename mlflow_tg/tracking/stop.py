@@ -19,10 +19,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from mlflow_tg.tracking import sweep
 from mlflow_tg.tracking.run import Terminated
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STOPPING = threading.Event()  # this process got SIGTERM: it starts no more jobs
 IN_JOB = threading.Event()  # this process is running a job (train.py's main), before its run
+WORKER = threading.Event()  # this process has run a job as a worker of the launching process
 
 
 def child_processes(pid: int) -> list[int]:
@@ -67,10 +69,12 @@ def on_sigterm(signum: int, frame: object) -> None:
     pass the signal to (another launcher's, a sweep still starting), as without this handler.
     """
     STOPPING.set()
+    if orphaned() and not IN_JOB.is_set():
+        leave(128 + signum)
     if in_worker():
         if not IN_JOB.is_set():
             return  # between jobs: the next ones do not start (raising would kill the worker)
-    else:
+    elif not orphaned():
         with suppress(OSError):
             sweep.stop_all()
         workers = [child for child in child_processes(os.getpid()) if handles_sigterm(child)]
@@ -99,14 +103,39 @@ def start_launcher() -> None:
     install()
 
 
+def orphaned() -> bool:
+    """Whether this is a worker whose launching process is gone (SIGKILL): it was reparented."""
+    return WORKER.is_set() and not in_worker()
+
+
+def leave(code: int) -> NoReturn:
+    """Exit this orphaned worker now: no process will give it a job or take its result.
+
+    Joblib's workers would otherwise wait for one for ever, holding their memory.
+    """
+    log.warning("the sweep's launching process is gone: this worker exits")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def watch_launcher(every_s: float = 5.0) -> None:
+    """In a worker: leave once the launching process is gone and no job runs here."""
+    while not (orphaned() and not IN_JOB.is_set()):
+        time.sleep(every_s)
+    leave(0)
+
+
 def run_job(job: Callable[[], T]) -> T | None:
     """``job()``, as one job of a sweep that SIGTERM may stop; None when it did, in a worker.
 
     A worker returns rather than raises (see the module docstring); once stopped, it starts no
     more jobs. Elsewhere ``Terminated`` goes on up, and the process exits 143.
     """
-    if in_worker():
+    if in_worker() and not WORKER.is_set():
+        WORKER.set()
         install()
+        threading.Thread(target=watch_launcher, name="mlflow_tg-orphan", daemon=True).start()
     if stopping():
         log.warning("SIGTERM came: this job does not start (no run)")
         return None
@@ -121,6 +150,8 @@ def run_job(job: Callable[[], T]) -> T | None:
         return None
     finally:
         IN_JOB.clear()
+        if orphaned():  # its run has ended; the launching process died meanwhile
+            leave(0)
 
 
 def end_launcher() -> list[str]:

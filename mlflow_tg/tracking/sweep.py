@@ -143,6 +143,16 @@ def gone(pid: int, started: int | None, wait_s: float) -> bool:
     return True
 
 
+def lost_because(pid: int) -> str:
+    """Why the launching process ended a run (its ``mlflow_tg.reaped`` tag)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (
+        f"its joblib worker process (pid {pid}) died while it ran (the OOM killer, a signal, "
+        "or joblib stopping the sweep's workers after another one died); ended KILLED by the "
+        f"sweep's launching process at {stamp}"
+    )
+
+
 def end_lost_run(run_id: str, spool: Path, uri: str, pid: int, why: str | None) -> str:
     """Deliver a dead worker's run from its journal and end it KILLED; say what was done.
 
@@ -157,7 +167,7 @@ def end_lost_run(run_id: str, spool: Path, uri: str, pid: int, why: str | None) 
     if why is not None:
         if not journaled:
             return f"still RUNNING ({why}); mlflow-tg reap ends it once its heartbeat is stale"
-        if journal_end(spool, RunStatus.KILLED):
+        if journal_end(spool, RunStatus.KILLED, {keys.REAPED: lost_because(pid)}):
             waits = "its writes and its end (KILLED) wait"
         else:
             waits = "its writes and its own end wait"
@@ -171,14 +181,7 @@ def end_lost_run(run_id: str, spool: Path, uri: str, pid: int, why: str | None) 
     client = MlflowClient(uri)
     if client.get_run(run_id).info.status != "RUNNING":
         return f"{done}it had ended{trouble}"
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    client.set_tag(
-        run_id,
-        keys.REAPED,
-        f"its joblib worker process (pid {pid}) died while it ran (the OOM killer, a signal, "
-        "or joblib stopping the sweep's workers after another one died); ended KILLED by the "
-        f"sweep's launching process at {stamp}{trouble}"[:MAX_TAG_LENGTH],
-    )
+    client.set_tag(run_id, keys.REAPED, f"{lost_because(pid)}{trouble}"[:MAX_TAG_LENGTH])
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
     return f"{done}ended KILLED{trouble}"
 
