@@ -27,7 +27,7 @@ from typing import NoReturn, TypeVar
 
 from mlflow_tg.tracking import sweep
 from mlflow_tg.tracking.run import Terminated
-from mlflow_tg.tracking.sweep import in_worker
+from mlflow_tg.tracking.sweep import in_worker, stat_fields
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,13 +39,10 @@ WORKER = threading.Event()  # this process has run a job as a worker of the laun
 def child_processes(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc; none where there is no /proc)."""
     children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # the process is gone
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
+    for path in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(int(path.name))
+        if fields is not None and int(fields[1]) == pid:  # None: the process is gone
+            children.append(int(path.name))
     return children
 
 

@@ -106,13 +106,18 @@ def tallied() -> dict[str, int]:
     return {word: words.count(word) for word in set(words)}
 
 
-def started_at(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot); None when it is gone or a zombie."""
+def stat_fields(pid: int) -> list[str] | None:
+    """Process ``pid``'s /proc stat after its name (state, parent, ...); None once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def started_at(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot); None when it is gone or a zombie."""
+    fields = stat_fields(pid)
+    return None if fields is None or fields[0] in ("Z", "X") else int(fields[19])
 
 
 def enrol(run_id: str, spool_folder: Path, uri: str) -> None:
