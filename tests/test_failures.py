@@ -367,6 +367,41 @@ def test_a_spool_folder_holding_another_runs_journal_is_not_replayed_into_a_lost
     assert client.get_run(earlier).info.status == "RUNNING"  # its journal, left for its replay
 
 
+def killed_launchers_folder(runs: list[str]) -> Path:
+    """A sweep folder whose launching process (a real one) died by SIGKILL, naming ``runs``."""
+    child = subprocess.Popen(["sleep", "60"])
+    started = sweep.started_at(child.pid)
+    child.kill()
+    child.wait()
+    where = Path(tempfile.mkdtemp(prefix=f"{sweep.FOLDER_PREFIX}{child.pid}."))
+    (where / sweep.LAUNCHER).write_text(f"{child.pid} {started}")
+    if runs:
+        (where / "runs").mkdir()
+        for run_id in runs:
+            (where / "runs" / run_id).write_text("{}")
+    return where
+
+
+def test_a_killed_launchers_folder_is_removed_by_the_next_sweep_unless_it_names_runs(
+    monkeypatch,
+):
+    empty, lost = killed_launchers_folder([]), killed_launchers_folder(["a-lost-run"])
+    for name in (sweep.SWEEP_DIR, sweep.SWEEP_PID):  # as they were, after sweep.start sets them
+        monkeypatch.setenv(name, "")
+    try:
+        sweep.start()
+        mine = sweep.folder()
+        assert mine is not None and mine.name.startswith(f"{sweep.FOLDER_PREFIX}{os.getpid()}.")
+        assert not empty.exists()  # its launcher is gone, and nothing is left in it
+        assert lost.exists()  # a lost run's: mlflow-tg reap ends the run
+        sweep.remove_stale_folders()
+        assert mine.exists()  # a live launching process's folder stays
+    finally:
+        for where in (empty, lost, sweep.folder()):
+            if where is not None:
+                shutil.rmtree(where, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_a_joblib_worker_killed_mid_run_leaves_no_run_running_and_loses_no_epoch(tmp_path):
     """SIGKILL to one worker, as the OOM killer sends it: joblib kills the other one too."""

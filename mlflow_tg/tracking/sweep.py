@@ -14,6 +14,9 @@ left there once the sweep is over belongs to a worker that died: the launching p
 delivers what the run's journal holds (every epoch journaled before the worker died) and ends
 the run KILLED, its ``mlflow_tg.reaped`` tag saying why. If the store does not answer, the
 run's end joins its journal for ``mlflow-tg replay``.
+
+The launching process removes its folder at its end. One that was killed (SIGKILL) cannot: the
+next one removes such folders, once nothing is left in them for ``mlflow-tg reap``.
 """
 
 from __future__ import annotations
@@ -46,13 +49,39 @@ from mlflow_tg.tracking.spool import (
 log = logging.getLogger(__name__)
 SWEEP_PID = "MLFLOW_TG_SWEEP_PID"  # the launching process, in its jobs' environment
 SWEEP_DIR = "MLFLOW_TG_SWEEP_DIR"  # its private folder, the same
+FOLDER_PREFIX = "mlflow_tg.sweep-"  # in the temporary folder, then the launcher's pid
+LAUNCHER = "launcher"  # in the folder: the launching process's pid and start time
 DEATH_WAIT_S = 10.0  # how long a lost worker is waited for to be gone, once the sweep is over
 
 
 def start() -> None:
     """In the launching process: make the sweep's folder and name it to the jobs."""
-    os.environ[SWEEP_PID] = str(os.getpid())
-    os.environ[SWEEP_DIR] = tempfile.mkdtemp(prefix=f"mlflow_tg.sweep-{os.getpid()}.")
+    remove_stale_folders()
+    me = os.getpid()
+    where = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{me}."))
+    (where / "launcher.tmp").write_text(f"{me} {started_at(me)}")
+    (where / "launcher.tmp").replace(where / LAUNCHER)  # whole, or not there
+    os.environ[SWEEP_PID] = str(me)
+    os.environ[SWEEP_DIR] = str(where)
+
+
+def remove_stale_folders() -> None:
+    """Remove this user's sweep folders whose launching process is gone (SIGKILL, a crash).
+
+    A folder that still names runs is kept: their workers died with it, and ``mlflow-tg
+    reap`` ends those runs once their heartbeat is stale.
+    """
+    for where in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        try:
+            if where.stat().st_uid != os.getuid():
+                continue
+            pid, started = (int(word) for word in (where / LAUNCHER).read_text().split())
+            runs = where / "runs"
+            if not gone(pid, started, 0) or (runs.is_dir() and any(runs.iterdir())):
+                continue
+        except (OSError, ValueError):  # being made now, or not one of this code's folders
+            continue
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def folder() -> Path | None:
