@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from dataclasses import is_dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 from omegaconf import OmegaConf
+from sqlalchemy.engine.url import make_url
 
 from mlflow_tg.config import (
     Centrality,
@@ -23,6 +24,7 @@ from mlflow_tg.config import (
     config_id,
     flatten,
 )
+from mlflow_tg.config.checks import check_tracking_uri
 from mlflow_tg.config.schema import DigitsConfig, TorchvisionConfig
 from mlflow_tg.graph.centrality import CENTRALITIES
 from mlflow_tg.job import train
@@ -31,7 +33,8 @@ from mlflow_tg.train.models import BUILDERS
 from tests.conftest import CONF_DIR, compose_config
 
 ROOT = CONF_DIR.parent
-HAS_PSYCOPG2 = importlib.util.find_spec("psycopg2") is not None
+HAS_PSYCOPG2 = find_spec("psycopg2") is not None
+DEFAULT_POSTGRESQL_DRIVER = make_url("postgresql://h/db").get_dialect().driver  # SQLAlchemy's
 
 
 def group_options(group: str) -> list[str]:
@@ -231,12 +234,7 @@ BAD_VALUES = [
 def test_bad_values_fail_before_any_run_is_created(
     make_cfg, tmp_path, monkeypatch, override, named
 ):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(  # as on a machine without PostgreSQL's driver
-        importlib.util,
-        "find_spec",
-        lambda name, *args: None if name == "psycopg2" else real_find_spec(name, *args),
-    )
+    without_postgresql_drivers(monkeypatch)
     never = tmp_path / "never.db"  # not make_cfg's store: that one is a ready copy
     with pytest.raises(ConfigError) as error:
         train(make_cfg(f"tracking.uri=sqlite:///{never}", *override.split()))
@@ -244,12 +242,37 @@ def test_bad_values_fail_before_any_run_is_created(
     assert not never.exists()  # the store was never even opened
 
 
+def without_postgresql_drivers(monkeypatch) -> None:
+    """As on a machine where neither of PostgreSQL's drivers is installed."""
+    for module in ("psycopg", "psycopg2"):
+        monkeypatch.setitem(sys.modules, module, None)  # an import of it fails
+
+
 def test_tracking_uri_message_hides_the_password(make_cfg, monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    without_postgresql_drivers(monkeypatch)
     with pytest.raises(ConfigError) as error:
         check_config(make_cfg("tracking.uri=postgresql://user:secret@127.0.0.1/db"))
     assert "postgresql://user:***@127.0.0.1/db" in str(error.value)
     assert "secret" not in str(error.value) and "postgresql+psycopg2://" in str(error.value)
+
+
+@pytest.mark.skipif(not HAS_PSYCOPG2, reason="psycopg2 is not installed here")
+def test_a_postgresql_uri_is_checked_against_the_driver_sqlalchemy_picks(monkeypatch):
+    check_tracking_uri("postgresql+psycopg2://u:p@127.0.0.1/db")  # installed: accepted
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # psycopg 3 missing, psycopg2 there
+    with pytest.raises(ConfigError, match="driver psycopg is not installed"):
+        check_tracking_uri("postgresql+psycopg://u:p@127.0.0.1/db")
+    if make_url("postgresql://h/db").get_dialect().driver == "psycopg":  # SQLAlchemy >= 2.1
+        with pytest.raises(ConfigError, match="use postgresql\\+psycopg2://"):
+            check_tracking_uri("postgresql://u:p@127.0.0.1/db")
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns", "/tmp/mlruns"])
+def test_the_file_store_is_refused_with_what_to_use_instead(uri):
+    with pytest.raises(ConfigError) as error:
+        check_tracking_uri(uri)
+    assert f"tracking.uri={uri!r} is not allowed" in str(error.value)
+    assert "sqlite:///PATH/mlflow.db" in str(error.value)
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused():
@@ -286,7 +309,10 @@ CLI_BAD_VALUES = [
     pytest.param(
         "tracking.uri=postgresql://u:p@127.0.0.1/db",
         "pip install psycopg2-binary and use postgresql+psycopg2://",
-        marks=pytest.mark.skipif(HAS_PSYCOPG2, reason="psycopg2 is installed here"),
+        marks=pytest.mark.skipif(
+            DEFAULT_POSTGRESQL_DRIVER in sys.modules or find_spec(DEFAULT_POSTGRESQL_DRIVER),
+            reason="the driver postgresql:// selects is installed here",
+        ),
     ),
 ]
 

@@ -521,6 +521,20 @@ def test_training_against_a_closed_port_exits_2_without_a_traceback(tmp_path: Pa
     assert time.monotonic() - started < 120  # not MLflow's four minutes of retries
 
 
+def test_training_against_a_database_that_does_not_answer_exits_2_naming_it(tmp_path: Path):
+    pytest.importorskip("psycopg2")
+    uri = f"postgresql+psycopg2://mlflow_tg:secret@127.0.0.1:{free_port()}/mlflow_tg"
+    result = subprocess.run(
+        [sys.executable, TRAIN, *TINY, "epochs=1", f"tracking.uri={uri}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "the database does not answer (OperationalError: connection" in output, output
+    assert "make server-start" in output and "Traceback" not in output
+    assert "secret" not in output and uri.replace("secret", "***") in output
+
+
 # --- B9: a damaged history.parquet -----------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from mlflow_tg import keys
 from mlflow_tg.tracking import server
+from mlflow_tg.tracking.health import unreachable_database
 from tests.conftest import CONF_DIR
 from tests.servers import answers, can_run_postgres, free_port, throwaway_postgres
 
@@ -93,6 +94,16 @@ def test_a_server_that_cannot_start_fails_with_its_log_and_leaves_nothing(postgr
     assert "exited with code" in message and "password authentication failed" in message
     assert str(settings.log_file) in message
     assert not settings.pid_file.exists() and not answers(f"{settings.url}/health")
+
+
+@pytest.mark.slow
+def test_the_database_probe_connects_and_names_a_refused_password(postgres, tmp_path):
+    server.ensure_database(settings_for(postgres, tmp_path / "state", "the right one"))
+    where = f"127.0.0.1:{postgres[0]}/mlflow_tg"
+    database = "postgresql+psycopg2://mlflow_tg:{}@" + where
+    assert unreachable_database(database.format("the%20right%20one")) is None
+    why = unreachable_database(database.format("a%20wrong%20one"))
+    assert why.startswith("OperationalError") and "password authentication failed" in why, why
 
 
 def test_make_targets_call_the_module():

@@ -7,7 +7,7 @@ error into a one-paragraph ``ConfigError``); ranges by the schemas' ``__post_ini
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import inspect
 import re
 import types
@@ -26,20 +26,17 @@ from omegaconf.errors import (
     OmegaConfBaseException,
     ValidationError,
 )
+from sqlalchemy.engine.url import make_url
 from torch import nn
 
 from mlflow_tg.config.build import LABEL_KEYS, build_from_config
 from mlflow_tg.config.schema import MODEL_OPTIONS, Config, as_override
 from mlflow_tg.errors import ConfigError
 
-# SQLAlchemy driver of a database tracking URI (``dialect+driver://``): module, pip package.
-DB_DRIVERS = {
-    "psycopg2": ("psycopg2", "psycopg2-binary"),
-    "psycopg": ("psycopg", "psycopg[binary]"),
-    "mysqldb": ("MySQLdb", "mysqlclient"),
-    "pymysql": ("pymysql", "PyMySQL"),
-}
-DEFAULT_DB_DRIVER = {"postgresql": "psycopg2", "mysql": "mysqldb"}
+# The pip package of a database driver module that SQLAlchemy imports for a tracking URI.
+DB_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]",
+               "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "pyodbc": "pyodbc"}  # fmt: skip
+DATABASE_DIALECTS = ("postgresql", "mysql", "mssql")  # MLflow's database stores besides SQLite
 # What every model builder is called with besides its own keys: the width knob and the data's shape.
 MODEL_SIZE_ARGUMENTS = ("width", "in_channels", "image_size", "num_classes")
 
@@ -111,9 +108,9 @@ def check_device(device: str) -> None:
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Reject a database tracking URI whose SQLAlchemy driver is not installed here."""
+    """Reject a tracking URI this environment cannot use: the file store, a missing driver."""
     scheme = uri.partition("://")[0].lower() if "://" in uri else ""
-    dialect, _, driver = scheme.partition("+")
+    dialect = scheme.partition("+")[0]
     shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)  # never print a password
     if dialect == "postgres":
         raise ConfigError(
@@ -121,16 +118,37 @@ def check_tracking_uri(uri: str) -> None:
             "postgresql://, and MLflow works with its psycopg2 driver: use "
             "postgresql+psycopg2://user:password@host/db (pip install psycopg2-binary)."
         )
-    module, package = DB_DRIVERS.get(driver or DEFAULT_DB_DRIVER.get(dialect, ""), (None, None))
-    if module is None or importlib.util.find_spec(module) is not None:
+    if dialect == "file" or (not scheme and uri):  # a path is the file store too
+        raise ConfigError(
+            f"tracking.uri={shown!r} is not allowed: it names MLflow's file store (./mlruns), "
+            "which MLflow 3 no longer writes; use a SQLite file, sqlite:///PATH/mlflow.db, or "
+            "a tracking server, http://host:port (make server-start)."
+        )
+    if dialect in DATABASE_DIALECTS:
+        check_database_driver(uri, shown, dialect)
+
+
+def check_database_driver(uri: str, shown: str, dialect: str) -> None:
+    """Reject a database URI whose SQLAlchemy driver (named, or the dialect's default) is missing.
+
+    SQLAlchemy decides the default: ``postgresql://`` means psycopg 3 from SQLAlchemy 2.1 on,
+    psycopg2 before, so it is asked rather than assumed.
+    """
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+        return
+    except ImportError as error:
+        module = error.name or str(error)
+    except Exception:  # a URI SQLAlchemy cannot parse: MLflow's own error says why
         return
     if dialect == "postgresql":
         remedy = (
             "pip install psycopg2-binary and use postgresql+psycopg2://user:password@host/db "
-            "(MLflow's psycopg 3 dialect postgresql+psycopg:// has open bugs)"
+            "(MLflow's psycopg 3 dialect, which postgresql:// selects in SQLAlchemy 2.1, has "
+            "open bugs)"
         )
     else:
-        remedy = f"pip install {package}"
+        remedy = f"pip install {DB_PACKAGES.get(module, module)}"
     raise ConfigError(
         f"tracking.uri={shown!r} is not allowed here: its database driver {module} is not "
         f"installed in this environment; {remedy}."

@@ -44,6 +44,28 @@ def unanswered(uri: str, timeout_s: float = SERVER_PROBE_S) -> str | None:
         time.sleep(1)
 
 
+def unreachable_database(uri: str, timeout_s: float = SERVER_PROBE_S) -> str | None:
+    """Why the PostgreSQL or MySQL database at ``uri`` cannot be connected to; None if it can.
+
+    MLflow would retry it for minutes, then print a traceback; the driver's own wait is bounded
+    here (other databases and SQLite are not probed).
+    """
+    if not uri.lower().startswith(("postgresql", "mysql")):
+        return None
+    import sqlalchemy  # MLflow's; imported only when a database URI needs it
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout_s)})
+    try:
+        with engine.connect():
+            return None
+    except Exception as error:  # the driver's own error: refused, timed out, bad password
+        cause = getattr(error, "orig", None) or error
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        return f"{type(cause).__name__}: {first.strip()}"
+    finally:
+        engine.dispose()
+
+
 def access_refused(status: int | None) -> str | None:
     """What to do about a server that refused who asked (HTTP 401 or 403); None for others."""
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")

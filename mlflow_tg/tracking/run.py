@@ -44,7 +44,7 @@ from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
 from mlflow_tg.errors import ConfigError
 from mlflow_tg.tracking import sweep
-from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered
+from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered, unreachable_database
 from mlflow_tg.tracking.spool import (
     MAX_TAG_LENGTH,
     Hurry,
@@ -101,6 +101,13 @@ def connect(tracking: DictConfig) -> str:
     uri = str(tracking.uri)
     if uri.startswith(("http://", "https://")):
         check_tracking_server(uri)
+    elif (why := unreachable_database(uri)) is not None:
+        raise ConfigError(
+            f"tracking.uri={shown_uri(uri)!r}: the database does not answer ({why}). Start it "
+            "(make server-start starts PostgreSQL with the role and database mlflow_tg on "
+            "127.0.0.1), point tracking.uri at one that runs, or train on the "
+            "embedded store: tracking=local."
+        )
     mlflow.set_tracking_uri(uri)
     return uri
 
