@@ -24,6 +24,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
+from mlflow_tg import keys
 from mlflow_tg.job import train
 from mlflow_tg.keys import HISTORY as HISTORY_ARTIFACT
 from mlflow_tg.predictor.answering import model_input
@@ -251,9 +252,9 @@ def test_cli_predicts_logs_and_prints_the_answer_quietly(
         assert logged.step == 3 and logged.value == pytest.approx(expected[column])
     ood = client.get_metric_history(run_id, "predicted/out_of_distribution")[-1]
     assert ood.value == float(expected["out_of_distribution"])
-    source = f"via {endpoint}" if through_endpoint else "in process"
+    in_here = f"models:/{NAME}/{champion['version']} in process"
     tag = client.get_run(run_id).data.tags["mlflow_tg.predicted_by"]
-    assert tag == f"models:/{NAME}/{champion['version']} {source}"
+    assert tag == (f"the model served at {endpoint}" if through_endpoint else in_here)
     first, second = result.stdout.splitlines()
     assert first.startswith(f"run {run_id}: predicted final test accuracy ")
     interval = (
@@ -313,19 +314,24 @@ def test_cli_over_http_logs_the_served_answer_without_mlflows_client(
     tracking, endpoint, population, run_ids, champion
 ):
     run_id = run_ids[2]
-    command = ("predict", "--run-id", run_id, "--tracking-uri", tracking, "--endpoint", endpoint)
+    client = MlflowClient(population["uri"])
+    served = client.get_model_version(NAME, champion["version"])
+    # the store's version under the asked alias is not the one served: it reads one window
+    other = client.create_model_version(NAME, served.source, tags={keys.KS_TAG: "1"})
+    client.set_registered_model_alias(NAME, "one-window", other.version)
+    command = ("predict", "--run-id", run_id, "--tracking-uri", tracking, "--endpoint", endpoint,
+               "--alias", "one-window")  # fmt: skip
     result = mlflow_tg(*command, python=(sys.executable, "-X", "importtime"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines}
     assert "requests" in imported and not {"mlflow", "pandas", "polars", "torch"} & imported
     (expected,) = in_process(population, requested(population, run_id)).to_dict("records")
-    client = MlflowClient(population["uri"])
-    for key, column in zip(PREDICTED, ANSWER, strict=True):
+    for key, column in zip(PREDICTED, ANSWER, strict=True):  # the served model's largest window
         (logged,) = client.get_metric_history(run_id, key)[-1:]
         assert logged.step == 3 and logged.value == pytest.approx(expected[column], rel=1e-12)
     tag = client.get_run(run_id).data.tags["mlflow_tg.predicted_by"]
-    assert tag == f"models:/{NAME}/{champion['version']} via {endpoint}"
+    assert tag == f"the model served at {endpoint}"
     assert result.stdout.startswith(f"run {run_id}: predicted final test accuracy ")
 
 

@@ -63,7 +63,9 @@ def parser() -> argparse.ArgumentParser:
         help="where the run and the registry are (default: $MLFLOW_TRACKING_URI or the "
         "embedded store, sqlite:///mlflow.db)",
     )
-    predict.add_argument("--model", default=keys.REGISTERED_MODEL, help="registered model")
+    predict.add_argument(
+        "--model", default=keys.REGISTERED_MODEL, help="registered model (not with --endpoint)"
+    )
     predict.add_argument("--alias", default=keys.CHAMPION, help="its version to use")
     predict.add_argument(
         "--verbose",
@@ -93,27 +95,23 @@ def answer_for(args: argparse.Namespace, store: Store) -> tuple[RunRecord, dict[
     if answer is not None:
         return run, answer, KNOWN
     if args.endpoint:
-        return run, *ask_served(args, store, run)
+        return run, *ask_served(args, run)
     version = store.version(args.model, args.alias)
     return run, answer_here(store, version, run, window_rows(run, version)), f"{version} in process"
 
 
-def ask_served(args: argparse.Namespace, store: Store, run: RunRecord) -> tuple[dict, str]:
+def ask_served(args: argparse.Namespace, run: RunRecord) -> tuple[dict, str]:
     """The endpoint's answer, and what answered.
 
-    The registered version, where the run's store has it, says how many epochs to send; an
-    endpoint serves without it, and then gets the whole history (the model reads its windows).
+    The whole history goes: the served model reads its own windows, and the registered
+    version that ``--model``/``--alias`` name in the store need not be the one it serves.
     """
     from mlflow_tg.predictor.endpoint import post_request
     from mlflow_tg.serve.rest import history_request
 
-    try:
-        version = store.version(args.model, args.alias)
-        rows, source = window_rows(run, version), f"{version} via {args.endpoint}"
-    except RegistryError:
-        rows, source = run.history, f"the model served at {args.endpoint}"
-    (answer,) = post_request(args.endpoint, history_request(rows, run.params, run.run_id))
-    return answer, source
+    request = history_request(run.history, run.params, run.run_id)
+    (answer,) = post_request(args.endpoint, request)
+    return answer, f"the model served at {args.endpoint}"
 
 
 def check_addresses(args: argparse.Namespace) -> None:
