@@ -101,8 +101,7 @@ predictor: setup
 	$(PY) -m mlflow_tg.predictor
 
 serve: setup
-	MLFLOW_TRACKING_URI=sqlite:///mlflow.db MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false mlflow models serve \
-	  -m "models:/tg-performance-predictor@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
+	$(VENV)/bin/mlflow-tg serve --port $(PORT)
 
 # make predict RUN=<run id> [ENDPOINT=http://127.0.0.1:5001]
 predict: setup

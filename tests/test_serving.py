@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,18 +41,13 @@ ANSWER = ("predicted_test_acc", "predicted_test_acc_low", "predicted_test_acc_hi
 
 @pytest.fixture(scope="module")
 def endpoint(champion, population, tmp_path_factory):
-    """The champion served by MLflow's scoring server on a free loopback port."""
+    """The champion served by MLflow's scoring server on a free loopback port (make serve)."""
     port = free_port()
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": population["uri"],
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # it execs the venv's uvicorn
-    }
-    arguments = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
-    ]  # fmt: skip
+    arguments = [str(BIN / "mlflow-tg"), "serve", "--tracking-uri", population["uri"],
+                 "--port", str(port)]  # fmt: skip
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with running_server(arguments, f"http://127.0.0.1:{port}/ping", log, env):
+    with running_server(arguments, f"http://127.0.0.1:{port}/ping", log):
+        assert f"serving models:/{NAME}/{champion['version']} ({NAME}@champion)" in log.read_text()
         yield f"http://127.0.0.1:{port}"
 
 
@@ -427,6 +421,17 @@ def test_cli_asks_an_endpoint_even_when_the_runs_store_has_no_registered_version
     assert f"{expected['predicted_test_acc']:.4f}" in result.stdout  # sent the whole history
     tag = MlflowClient(population["uri"]).get_run(run_id).data.tags["mlflow_tg.predicted_by"]
     assert tag == f"the model served at {endpoint}"
+
+
+def test_serving_a_store_without_the_version_is_one_paragraph_naming_what_to_do(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # an empty store: no registered model
+    result = mlflow_tg("serve", "--tracking-uri", uri, "--port", str(free_port()))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = result.stderr.splitlines()
+    assert f"has no model '{NAME}' with alias 'champion'; fit one there first" in line
+    result = mlflow_tg("serve", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
+    assert result.returncode == 2 and "no tracking store there" in result.stderr
 
 
 def test_cli_names_an_address_that_cannot_be_right_at_once(tmp_path):

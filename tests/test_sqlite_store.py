@@ -20,6 +20,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow_tg import keys
 from mlflow_tg.errors import RegistryError
 from mlflow_tg.predictor.registry import version_by_alias
+from mlflow_tg.serve.stores import MlflowStore
 from mlflow_tg.tracking.records import RunNotFoundError, StoreError, Unsupported
 from mlflow_tg.tracking.runs import load_run
 from mlflow_tg.tracking.sqlite import SqliteStore
@@ -124,6 +125,24 @@ def test_a_registered_version_reads_as_mlflows_registry_reads_it(store):
     for name, alias in [("m", "challenger"), ("other", "champion")]:
         with pytest.raises(RegistryError, match=f"has no model '{name}' with alias '{alias}'"):
             SqliteStore.open(store["uri"]).version(name, alias)
+
+
+def test_a_missing_model_or_alias_is_named_with_what_the_registry_holds(store):
+    client = store["client"]
+    client.create_registered_model("m")
+    version = client.create_model_version("m", str(store["folder"]))
+    client.set_registered_model_alias("m", "champion", version.version)
+    client.create_registered_model("bare")
+    client.create_model_version("bare", str(store["folder"]))
+    sqlite_store, mlflows = SqliteStore.open(store["uri"]), MlflowStore(store["uri"])
+    for reader in (sqlite_store, mlflows):  # both readers name the same
+        with pytest.raises(RegistryError) as typo:
+            reader.version("n", "champion")
+        assert "it holds bare (none: no alias names a version); m (champion)" in str(typo.value)
+        assert "registered_model=n" in str(typo.value)  # fitting it is the last suggestion
+        with pytest.raises(RegistryError) as alias:
+            reader.version("m", "best")
+        assert "the aliases of m are champion. Give one with --alias" in str(alias.value)
 
 
 def test_a_run_not_in_the_store_is_named_and_one_without_history_left_to_mlflow(store):

@@ -6,6 +6,9 @@ to the run (``predicted/test_acc``, its interval and the out-of-distribution fla
 window used) and prints it. A finished run tagged ``diverged`` needs no prediction: its final
 accuracy is known, and that is the answer.
 
+``mlflow-tg serve`` checks that the store has the registered version, then hands over to
+``mlflow models serve`` for it (``make serve``).
+
 Fast and quiet: nothing heavy is imported before the arguments are read, nothing on the path
 imports torch, and MLflow's logs and progress bars stay off unless ``--verbose``. MLflow itself
 is imported only where needed (``stores.py``): with a tracking server (``http(s)://``) and an
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from mlflow_tg import keys
 from mlflow_tg.errors import Refusal, RegistryError
@@ -73,6 +76,20 @@ def parser() -> argparse.ArgumentParser:
         help="go through MLflow's client and show its logs, warnings and progress bars, and "
         "its check of the version's pip requirements (slower)",
     )
+    serve = commands.add_parser(
+        "serve",
+        help="serve a registered version with `mlflow models serve`, once it is checked to be "
+        "there",
+    )
+    serve.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI") or EMBEDDED_URI,
+        help="where the registry is (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    serve.add_argument("--model", default=keys.REGISTERED_MODEL, help="registered model")
+    serve.add_argument("--alias", default=keys.CHAMPION, help="its version to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    serve.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
     add_tracking_commands(commands)  # reap, replay
     return cli
 
@@ -117,11 +134,23 @@ def ask_served(args: argparse.Namespace, run: RunRecord) -> tuple[dict, str]:
 def check_addresses(args: argparse.Namespace) -> None:
     """StoreError or EndpointError, at once, for an address that cannot be right.
 
+    The store (``check_store``), and an endpoint that is not an ``http(s)://`` URL.
+    """
+    check_store(args.tracking_uri)
+    if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
+        raise EndpointError(
+            f"--endpoint {args.endpoint!r} is not a URL: give its scheme, for example "
+            f"http://{args.endpoint.removeprefix('//')} (the address `make serve` prints)."
+        )
+
+
+def check_store(uri: str) -> None:
+    """StoreError, at once, for a tracking URI that cannot be right.
+
     A tracking server that does not answer ``/health`` within seconds (MLflow's client would
     retry it for minutes), a ``sqlite:///`` file that does not exist (MLflow would create an
-    empty store there), an endpoint that is not an ``http(s)://`` URL.
+    empty store there).
     """
-    uri = args.tracking_uri
     if uri.startswith(("http://", "https://")):
         why = unanswered(uri)
         if why is not None:
@@ -135,11 +164,6 @@ def check_addresses(args: argparse.Namespace) -> None:
             f"--tracking-uri {uri}: no tracking store there ({missing} does not exist). "
             "train.py logs to sqlite:///mlflow.db in the folder it runs in: run the command "
             "there, or give that file's URI (sqlite:////absolute/path/mlflow.db)."
-        )
-    if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
-        raise EndpointError(
-            f"--endpoint {args.endpoint!r} is not a URL: give its scheme, for example "
-            f"http://{args.endpoint.removeprefix('//')} (the address `make serve` prints)."
         )
 
 
@@ -159,6 +183,35 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     store.log(run.run_id, predicted_metrics(answer), int(answer[keys.ANSWER_K]), tags)
     print(describe(run.run_id, answer, source))
     return answer
+
+
+def serve(args: argparse.Namespace) -> NoReturn:
+    """Check that the store has the version, then become MLflow's scoring server for it.
+
+    ``mlflow models serve`` on a store without it prints MLflow's traceback. The process is
+    replaced (exec): signals, output and exit code are the server's own. The version the alias
+    names now is served, and stays served if the alias moves: serve again to follow it.
+    """
+    check_store(args.tracking_uri)
+    try:
+        version = open_store(args.tracking_uri, None, False).version(args.model, args.alias)
+    except Unsupported:
+        version = MlflowStore(args.tracking_uri).version(args.model, args.alias)
+    address = f"http://{args.host}:{args.port}"
+    print(
+        f"mlflow-tg: serving {version} ({args.model}@{args.alias}) at {address}; ask it with "
+        f"mlflow-tg predict --endpoint {address} --run-id RUN",
+        flush=True,
+    )
+    bin_folder = os.path.dirname(sys.executable)  # MLflow execs uvicorn from PATH: this one's
+    environment = os.environ | {
+        "MLFLOW_TRACKING_URI": args.tracking_uri,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(version),
+               "--env-manager", "local", "-h", args.host, "-p", str(args.port)]  # fmt: skip
+    os.execve(sys.executable, command, environment)
 
 
 # what the command reports in one paragraph (exit 2): bad input, or what a store lacks
@@ -183,8 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.command in TRACKING_COMMANDS:
         sys.exit(run_tracking_command(args))
-    quiet(args.verbose)
+    quiet(getattr(args, "verbose", False))
     try:
+        if args.command == "serve":
+            serve(args)
         predict(args)
     except Exception as error:
         message = refusal_message(error)

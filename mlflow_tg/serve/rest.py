@@ -3,9 +3,9 @@
 With an ``http(s)://`` tracking URI and ``--endpoint``, the command needs nothing of MLflow's
 client, nor pandas: ``import mlflow`` alone costs about 1.3 s of CPU, a SQLite store's
 SQLAlchemy 0.5 s more, which is the whole budget of a command meant to run per run of a sweep.
-Five requests: the run (``runs/get``), its ``history.parquet`` (``/get-artifact``), the
-version the alias names (its windows), the endpoint's answer, and one ``runs/log-batch`` with
-the predicted metrics and the ``predicted_by`` tag. Credentials as MLflow's client reads them:
+Four requests: the run (``runs/get``), its ``history.parquet`` (``/get-artifact``), the
+endpoint's answer, and one ``runs/log-batch`` with the predicted metrics and the
+``predicted_by`` tag. Credentials as MLflow's client reads them:
 ``MLFLOW_TRACKING_TOKEN``, or ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -23,12 +22,9 @@ import requests
 from mlflow_tg import keys
 from mlflow_tg.predictor.endpoint import cell
 from mlflow_tg.tracking.health import access_refused
-from mlflow_tg.tracking.records import RunRecord, Version, no_version
+from mlflow_tg.tracking.records import RunRecord
 
 API = "/api/2.0/mlflow"
-
-
-MISSING = re.compile(r": HTTP (404|400) from ")  # the registry lacks the model or the alias
 
 
 class TrackingServerError(LookupError):
@@ -93,20 +89,6 @@ class Server:
                 f"({type(error).__name__}: {error}); the copy in the store is damaged"
             ) from error
         return sorted(rows, key=lambda row: row[keys.EPOCH])
-
-    def version(self, model: str, alias: str) -> Version:
-        """The model version an alias names (its artifacts are the endpoint's concern)."""
-        missing = no_version(self.uri, model, alias)
-        params = {"name": model, "alias": alias}
-        path = f"{API}/registered-models/alias"
-        try:
-            found = self.call("GET", path, str(missing), params=params).json()["model_version"]
-        except TrackingServerError as error:
-            if MISSING.search(str(error)):  # 404 no such model; 400 no such alias
-                raise missing from None
-            raise
-        tags = {tag["key"]: tag["value"] for tag in found.get("tags", [])}
-        return Version(model, int(found["version"]), tags)
 
     def log(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
         """``runs/log-batch``: metrics at ``step`` and tags, in one request."""

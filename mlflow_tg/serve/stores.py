@@ -29,7 +29,10 @@ class Store(Protocol):
         """The run with its history; RunNotFoundError (or the store's own) when it lacks one."""
 
     def version(self, model: str, alias: str) -> Version:
-        """The version ``alias`` names; RegistryError (or the store's own) when there is none."""
+        """The version ``alias`` names; RegistryError (or the store's own) when there is none.
+
+        Not asked of the store read with ``--endpoint``: the endpoint answers for its version.
+        """
 
     def log(
         self, run_id: str, metrics: Mapping[str, float], step: int, tags: Mapping[str, str]
@@ -58,8 +61,16 @@ class MlflowStore:
 
         found = version_by_alias(self.client, model, alias)
         if found is None:
-            raise no_version(self.client.tracking_uri, model, alias)
+            raise no_version(self.client.tracking_uri, model, alias, self.registered())
         return Version(model, int(found.version), dict(found.tags))
+
+    def registered(self) -> dict[str, list[str]] | None:
+        """Each registered model with its aliases (the first 1,000); None if unreadable."""
+        try:
+            models = self.client.search_registered_models(max_results=1000)
+        except Exception:  # only to name what there is in an error: never an error of its own
+            return None
+        return {model.name: list(model.aliases) for model in models}
 
     def answer(self, version: Version, frame: pd.DataFrame) -> dict[str, Any]:
         """The version's answer for one run's rows, loaded as MLflow loads it."""

@@ -6,6 +6,7 @@ not import MLflow: a local SQLite store (``sqlite.py``) and a tracking server's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,10 +101,33 @@ def pointing_at(uri: str) -> str:
     return " tracking=server" if uri.rstrip("/") == SERVER_URI else f" tracking.uri={uri}"
 
 
-def no_version(store: str, name: str, alias: str) -> RegistryError:
-    """The error for a model or alias that the registry lacks."""
+def no_version(
+    store: str, name: str, alias: str, held: Mapping[str, Sequence[str]] | None = None
+) -> RegistryError:
+    """The error for a model or alias that the registry lacks.
+
+    ``held``: each registered model's aliases, when the store could list them; the error then
+    names what there is, since a misspelt name needs no new fit.
+    """
+    missing = f"the registry of {store} has no model {name!r} with alias {alias!r}"
+    fit = f"python -m mlflow_tg.predictor{pointing_at(store)}"
+    if name != keys.REGISTERED_MODEL:
+        fit += f" registered_model={name}"
+    elsewhere = "or ask a version served elsewhere: mlflow-tg predict --endpoint URL"
+    if not held:
+        return RegistryError(f"{missing}; fit one there first: {fit}, {elsewhere}")
+    if name in held:
+        return RegistryError(
+            f"{missing}: the aliases of {name} are {aliases_text(held[name])}. Give one with "
+            f"--alias, {elsewhere}"
+        )
+    listing = "; ".join(f"{model} ({aliases_text(held[model])})" for model in sorted(held))
     return RegistryError(
-        f"the registry of {store} has no model {name!r} with alias {alias!r}; fit one there "
-        f"first: python -m mlflow_tg.predictor{pointing_at(store)}, or ask a version served "
-        "elsewhere with --endpoint URL"
+        f"{missing}: it holds {listing}. Give one of them with --model (and --alias), fit "
+        f"{name} there: {fit}, {elsewhere}"
     )
+
+
+def aliases_text(aliases: Sequence[str]) -> str:
+    """A model's aliases in a sentence."""
+    return ", ".join(sorted(aliases)) if aliases else "none: no alias names a version"

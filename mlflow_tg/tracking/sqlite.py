@@ -188,6 +188,25 @@ class SqliteStore:
         params, tags = dict(pairs("params", "key, value")), dict(pairs("tags", "key, value"))
         return RunRecord(run_id, params, tags, metrics, history_rows(history, run_id))
 
+    def registered(self) -> dict[str, list[str]] | None:
+        """Each registered model that has a version, with its aliases; None if unreadable."""
+        try:
+            names = self.read(
+                "SELECT DISTINCT name FROM model_versions WHERE current_stage != ?"
+                + self.in_default_workspace("model_versions"),
+                (DELETED,),
+            )
+            aliases = self.read(
+                "SELECT name, alias FROM registered_model_aliases WHERE 1 = 1"
+                + self.in_default_workspace("registered_model_aliases")
+            )
+        except Unsupported:
+            return None
+        held: dict[str, list[str]] = {name: [] for (name,) in names}
+        for name, alias in aliases:
+            held.setdefault(name, []).append(alias)
+        return held
+
     def version(self, name: str, alias: str) -> Version:
         """The version ``alias`` names; RegistryError when the model or the alias does not exist.
 
@@ -204,7 +223,7 @@ class SqliteStore:
             (name, alias, DELETED),
         )
         if not found:
-            raise no_version(self.uri, name, alias)
+            raise no_version(self.uri, name, alias, self.registered())
         version, location = found[0]
         tags = self.read(
             "SELECT key, value FROM model_version_tags WHERE name = ? AND version = ?"
