@@ -22,7 +22,7 @@ from mlflow_tg.predictor.answering import model_input
 from mlflow_tg.predictor.describe import note_line, predicted_metrics
 from mlflow_tg.predictor.endpoint import ask_endpoint
 from mlflow_tg.predictor.registry import FeatureSpec
-from mlflow_tg.predictor.scoring import model_columns
+from mlflow_tg.predictor.scoring import load_run_predictor, model_columns
 from mlflow_tg.tracking.run import RunLogger
 from mlflow_tg.train.hooks import Epoch
 
@@ -70,8 +70,11 @@ class LivePrediction:
             spec = FeatureSpec.of_version(version)
             self.first_epoch = min(spec.ks or (spec.k,))  # a version without windows: k alone
             if not self.cfg.endpoint:
-                # by number: the alias may move to another version between the two reads
-                self.model = mlflow.pyfunc.load_model(f"models:/{self.cfg.model}/{version.version}")
+                # by number: the alias may move to another version between the two reads. Not
+                # MLflow's check of pip requirements: a second per job, and a warning in every
+                # job of a sweep for a patch release (mlflow-tg predict --verbose makes it)
+                number = f"models:/{self.cfg.model}/{version.version}"
+                self.model = load_run_predictor(number, check_requirements=False)
         except Exception as error:
             self.give_up(f"no usable {uri} in the registry ({type(error).__name__}: {error})")
             return False
