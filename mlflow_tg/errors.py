@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class InputError(ValueError):
     """A value, file or model the user gave that cannot work, with what is allowed instead."""
@@ -17,3 +19,8 @@ class RegistryError(LookupError):
 
 class Refusal(ValueError):
     """A request the predictor cannot answer: what each refused run lacks."""
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` as an error may show it: without the password it may carry."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)

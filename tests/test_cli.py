@@ -128,3 +128,12 @@ def test_a_missing_champion_names_the_command_that_fits_one_in_that_store(uri, c
 
     message = str(no_version(uri, "tg-performance-predictor", "champion"))
     assert command in message and "--endpoint" in message
+
+
+def test_a_missing_champion_hides_the_stores_password():
+    from mlflow_tg.tracking.records import no_version
+
+    uri = "postgresql+psycopg2://user:secret@127.0.0.1/mlflow_tg"
+    for held in (None, {"other": ["champion"]}):
+        message = str(no_version(uri, "tg-performance-predictor", "champion", held))
+        assert "secret" not in message and "postgresql+psycopg2://user:***@127.0.0.1" in message

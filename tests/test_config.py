@@ -268,11 +268,15 @@ def test_a_postgresql_uri_is_checked_against_the_driver_sqlalchemy_picks(monkeyp
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns", "/tmp/mlruns"])
-def test_the_file_store_is_refused_with_what_to_use_instead(uri):
+def test_the_file_store_is_refused_with_what_to_use_instead(uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     with pytest.raises(ConfigError) as error:
         check_tracking_uri(uri)
     assert f"tracking.uri={uri!r} is not allowed" in str(error.value)
     assert "sqlite:///PATH/mlflow.db" in str(error.value)
+    check_tracking_uri("databricks")  # no scheme, and no path
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in
+    check_tracking_uri(uri)
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused():

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -367,37 +368,53 @@ def test_a_spool_folder_holding_another_runs_journal_is_not_replayed_into_a_lost
     assert client.get_run(earlier).info.status == "RUNNING"  # its journal, left for its replay
 
 
-def killed_launchers_folder(runs: list[str]) -> Path:
-    """A sweep folder whose launching process (a real one) died by SIGKILL, naming ``runs``."""
+def a_dead_process() -> tuple[int, int]:
+    """The pid and start time of a real process, now gone (as if SIGKILLed)."""
     child = subprocess.Popen(["sleep", "60"])
     started = sweep.started_at(child.pid)
     child.kill()
     child.wait()
-    where = Path(tempfile.mkdtemp(prefix=f"{sweep.FOLDER_PREFIX}{child.pid}."))
-    (where / sweep.LAUNCHER).write_text(f"{child.pid} {started}")
-    if runs:
-        (where / "runs").mkdir()
-        for run_id in runs:
-            (where / "runs" / run_id).write_text("{}")
+    return child.pid, started
+
+
+def a_sweep_folder(pid: int, started: int, host: str = "") -> Path:
+    """A sweep folder naming ``pid`` as its launching process (on ``host``, else this one)."""
+    where = Path(tempfile.mkdtemp(prefix=f"{sweep.FOLDER_PREFIX}{pid}."))
+    launcher = {"pid": pid, "started": started, "host": host or socket.gethostname(),
+                "boot": sweep.boot_id()}  # fmt: skip
+    (where / sweep.LAUNCHER).write_text(json.dumps(launcher))
     return where
 
 
-def test_a_killed_launchers_folder_is_removed_by_the_next_sweep_unless_it_names_runs(
-    monkeypatch,
+def test_a_killed_launchers_folder_is_cleared_by_the_next_sweep_once_its_workers_are_gone(
+    client: MlflowClient, tmp_path: Path, monkeypatch
 ):
-    empty, lost = killed_launchers_folder([]), killed_launchers_folder(["a-lost-run"])
+    dead = a_dead_process()
+    empty, lost, living, elsewhere = (a_sweep_folder(*dead, host) for host in ("", "", "", "b"))
+    monkeypatch.setenv(sweep.SWEEP_PID, str(os.getpid()))  # this process, its launcher
+    monkeypatch.setenv(sweep.SWEEP_DIR, str(lost))
+    run_id, _ = worker_that_dies(client.tracking_uri, tmp_path / "spool")  # enrolled in `lost`
+    (living / "runs").mkdir()  # an orphaned worker (this process) still runs its job
+    me = {"spool": str(tmp_path), "uri": client.tracking_uri, "pid": os.getpid(),
+          "started": sweep.started_at(os.getpid())}  # fmt: skip
+    (living / "runs" / "a-run").write_text(json.dumps(me))
     for name in (sweep.SWEEP_DIR, sweep.SWEEP_PID):  # as they were, after sweep.start sets them
         monkeypatch.setenv(name, "")
     try:
         sweep.start()
+        assert not empty.exists()  # its launcher is gone, and nothing is left in it
+        assert not lost.exists()  # its dead worker's run was ended first, as its launcher would
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and keys.REAPED in run.data.tags
+        assert len(client.get_metric_history(run_id, "val_acc")) == 3
+        assert living.exists()  # a worker of it finishes its run
+        assert elsewhere.exists()  # another machine's: its processes cannot be seen here
         mine = sweep.folder()
         assert mine is not None and mine.name.startswith(f"{sweep.FOLDER_PREFIX}{os.getpid()}.")
-        assert not empty.exists()  # its launcher is gone, and nothing is left in it
-        assert lost.exists()  # a lost run's: mlflow-tg reap ends the run
         sweep.remove_stale_folders()
         assert mine.exists()  # a live launching process's folder stays
     finally:
-        for where in (empty, lost, sweep.folder()):
+        for where in (empty, lost, living, elsewhere, sweep.folder()):
             if where is not None:
                 shutil.rmtree(where, ignore_errors=True)
 
@@ -530,7 +547,7 @@ def test_training_against_a_database_that_does_not_answer_exits_2_naming_it(tmp_
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
-    assert "the database does not answer (OperationalError: connection" in output, output
+    assert "no connection to the database (OperationalError: connection" in output, output
     assert "make server-start" in output and "Traceback" not in output
     assert "secret" not in output and uri.replace("secret", "***") in output
 

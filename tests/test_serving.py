@@ -315,11 +315,16 @@ def test_cli_over_http_logs_the_served_answer_without_mlflows_client(
     client.set_registered_model_alias(NAME, "one-window", other.version)
     command = ("predict", "--run-id", run_id, "--tracking-uri", tracking, "--endpoint", endpoint,
                "--alias", "one-window")  # fmt: skip
-    result = mlflow_tg(*command, python=(sys.executable, "-X", "importtime"))
+    try:
+        result = mlflow_tg(*command, python=(sys.executable, "-X", "importtime"))
+    finally:  # the module's other tests see the registry as it was
+        client.delete_registered_model_alias(NAME, "one-window")
+        client.delete_model_version(NAME, other.version)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines}
     assert "requests" in imported and not {"mlflow", "pandas", "polars", "torch"} & imported
+    assert "--model and --alias are not used with --endpoint" in result.stderr
     (expected,) = in_process(population, requested(population, run_id)).to_dict("records")
     for key, column in zip(PREDICTED, ANSWER, strict=True):  # the served model's largest window
         (logged,) = client.get_metric_history(run_id, key)[-1:]

@@ -138,11 +138,17 @@ def test_a_missing_model_or_alias_is_named_with_what_the_registry_holds(store):
     for reader in (sqlite_store, mlflows):  # both readers name the same
         with pytest.raises(RegistryError) as typo:
             reader.version("n", "champion")
-        assert "it holds bare (none: no alias names a version); m (champion)" in str(typo.value)
+        assert "it holds bare (no alias); m (aliases champion)" in str(typo.value)
         assert "registered_model=n" in str(typo.value)  # fitting it is the last suggestion
         with pytest.raises(RegistryError) as alias:
             reader.version("m", "best")
         assert "the aliases of m are champion. Give one with --alias" in str(alias.value)
+        with pytest.raises(RegistryError, match=r"no alias of bare names a version\. Set one"):
+            reader.version("bare", "champion")
+    client.create_registered_model("empty")  # no version: nothing to serve, not listed
+    with pytest.raises(RegistryError) as typo:
+        mlflows.version("n", "champion")
+    assert "empty" not in str(typo.value)
 
 
 def test_a_run_not_in_the_store_is_named_and_one_without_history_left_to_mlflow(store):

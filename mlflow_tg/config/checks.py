@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
+import os
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import MISSING as NO_DEFAULT
@@ -31,12 +31,14 @@ from torch import nn
 
 from mlflow_tg.config.build import LABEL_KEYS, build_from_config
 from mlflow_tg.config.schema import MODEL_OPTIONS, Config, as_override
-from mlflow_tg.errors import ConfigError
+from mlflow_tg.errors import ConfigError, shown_uri
 
 # The pip package of a database driver module that SQLAlchemy imports for a tracking URI.
 DB_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]",
                "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "pyodbc": "pyodbc"}  # fmt: skip
 DATABASE_DIALECTS = ("postgresql", "mysql", "mssql")  # MLflow's database stores besides SQLite
+NO_SCHEME_STORES = ("databricks", "databricks-uc", "uc")  # URIs without :// that are no path
+ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"  # MLflow's opt-in to its file store
 # What every model builder is called with besides its own keys: the width knob and the data's shape.
 MODEL_SIZE_ARGUMENTS = ("width", "in_channels", "image_size", "num_classes")
 
@@ -111,21 +113,28 @@ def check_tracking_uri(uri: str) -> None:
     """Reject a tracking URI this environment cannot use: the file store, a missing driver."""
     scheme = uri.partition("://")[0].lower() if "://" in uri else ""
     dialect = scheme.partition("+")[0]
-    shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)  # never print a password
+    shown = shown_uri(uri)
     if dialect == "postgres":
         raise ConfigError(
             f"tracking.uri={shown!r} is not allowed: SQLAlchemy knows PostgreSQL as "
             "postgresql://, and MLflow works with its psycopg2 driver: use "
             "postgresql+psycopg2://user:password@host/db (pip install psycopg2-binary)."
         )
-    if dialect == "file" or (not scheme and uri):  # a path is the file store too
+    if names_file_store(uri) and os.environ.get(ALLOW_FILE_STORE, "").lower() != "true":
         raise ConfigError(
             f"tracking.uri={shown!r} is not allowed: it names MLflow's file store (./mlruns), "
-            "which MLflow 3 no longer writes; use a SQLite file, sqlite:///PATH/mlflow.db, or "
-            "a tracking server, http://host:port (make server-start)."
+            f"which MLflow 3 refuses unless {ALLOW_FILE_STORE}=true; use a SQLite file, "
+            "sqlite:///PATH/mlflow.db, or a tracking server, http://host:port (make "
+            "server-start)."
         )
     if dialect in DATABASE_DIALECTS:
         check_database_driver(uri, shown, dialect)
+
+
+def names_file_store(uri: str) -> bool:
+    """Whether MLflow reads ``uri`` as its file store: ``file://``, or a path without scheme."""
+    scheme = uri.partition("://")[0].lower() if "://" in uri else ""
+    return scheme == "file" or (not scheme and bool(uri) and uri not in NO_SCHEME_STORES)
 
 
 def check_database_driver(uri: str, shown: str, dialect: str) -> None:

@@ -33,7 +33,12 @@ from mlflow_tg.serve.stores import MlflowStore, Store, answer_here, open_store
 from mlflow_tg.tracking.commands import COMMANDS as TRACKING_COMMANDS
 from mlflow_tg.tracking.commands import add_commands as add_tracking_commands
 from mlflow_tg.tracking.commands import run_command as run_tracking_command
-from mlflow_tg.tracking.health import refused_access, unanswered
+from mlflow_tg.tracking.health import (
+    database_refused,
+    refused_access,
+    unanswered,
+    unreachable_database,
+)
 from mlflow_tg.tracking.quiet import quiet
 from mlflow_tg.tracking.records import (
     EMBEDDED_URI,
@@ -48,7 +53,11 @@ from mlflow_tg.tracking.sqlite import missing_store
 
 def parser() -> argparse.ArgumentParser:
     """The command line."""
-    cli = argparse.ArgumentParser(prog="mlflow-tg", description=__doc__.splitlines()[0])
+    cli = argparse.ArgumentParser(
+        prog="mlflow-tg",
+        description="mlflow_tg's command line: predict a run's final test accuracy (predict), "
+        "serve the predictor (serve), end the runs of processes that died (reap, replay).",
+    )
     commands = cli.add_subparsers(dest="command", required=True)
     predict = commands.add_parser(
         "predict",
@@ -67,9 +76,13 @@ def parser() -> argparse.ArgumentParser:
         "embedded store, sqlite:///mlflow.db)",
     )
     predict.add_argument(
-        "--model", default=keys.REGISTERED_MODEL, help="registered model (not with --endpoint)"
+        "--model",
+        help=f"registered model (default: {keys.REGISTERED_MODEL}; with --endpoint, the served "
+        "model answers)",
     )
-    predict.add_argument("--alias", default=keys.CHAMPION, help="its version to use")
+    predict.add_argument(
+        "--alias", help=f"its version to use (default: {keys.CHAMPION}; not with --endpoint)"
+    )
     predict.add_argument(
         "--verbose",
         action="store_true",
@@ -80,14 +93,21 @@ def parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a registered version with `mlflow models serve`, once it is checked to be "
         "there",
+        description="Check that the registry holds the version, then serve it with MLflow's "
+        "scoring server (mlflow models serve -m models:/NAME/N --env-manager local); ask it "
+        "with mlflow-tg predict --endpoint URL.",
     )
     serve.add_argument(
         "--tracking-uri",
         default=os.environ.get("MLFLOW_TRACKING_URI") or EMBEDDED_URI,
         help="where the registry is (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
-    serve.add_argument("--model", default=keys.REGISTERED_MODEL, help="registered model")
-    serve.add_argument("--alias", default=keys.CHAMPION, help="its version to serve")
+    serve.add_argument(
+        "--model", default=keys.REGISTERED_MODEL, help="registered model (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--alias", default=keys.CHAMPION, help="its version to serve (default: %(default)s)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     serve.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
     add_tracking_commands(commands)  # reap, replay
@@ -159,6 +179,8 @@ def check_store(uri: str) -> None:
                 "it (make server-start), or point --tracking-uri (or MLFLOW_TRACKING_URI) at a "
                 "running one."
             )
+    elif (why := unreachable_database(uri)) is not None:
+        raise StoreError(database_refused(uri, why, "--tracking-uri "))
     elif (missing := missing_store(uri)) is not None:
         raise StoreError(
             f"--tracking-uri {uri}: no tracking store there ({missing} does not exist). "
@@ -173,6 +195,10 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     Through the store of the tracking URI, or MLflow's client where that store gives way.
     """
     check_addresses(args)
+    if args.endpoint and (args.model or args.alias):
+        print("mlflow-tg: --model and --alias are not used with --endpoint: the model served "
+              "there answers", file=sys.stderr)  # fmt: skip
+    args.model, args.alias = args.model or keys.REGISTERED_MODEL, args.alias or keys.CHAMPION
     store = open_store(args.tracking_uri, args.endpoint, args.verbose)
     try:
         run, answer, source = answer_for(args, store)
@@ -185,7 +211,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     return answer
 
 
-def serve(args: argparse.Namespace) -> NoReturn:
+def serve(args: argparse.Namespace, environment: dict[str, str]) -> NoReturn:
     """Check that the store has the version, then become MLflow's scoring server for it.
 
     ``mlflow models serve`` on a store without it prints MLflow's traceback. The process is
@@ -204,7 +230,7 @@ def serve(args: argparse.Namespace) -> NoReturn:
         flush=True,
     )
     bin_folder = os.path.dirname(sys.executable)  # MLflow execs uvicorn from PATH: this one's
-    environment = os.environ | {
+    environment = environment | {  # as it came, not as this command quieted MLflow for itself
         "MLFLOW_TRACKING_URI": args.tracking_uri,
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -236,10 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.command in TRACKING_COMMANDS:
         sys.exit(run_tracking_command(args))
+    environment = dict(os.environ)
     quiet(getattr(args, "verbose", False))
     try:
         if args.command == "serve":
-            serve(args)
+            serve(args, environment)
         predict(args)
     except Exception as error:
         message = refusal_message(error)

@@ -70,7 +70,7 @@ class MlflowStore:
             models = self.client.search_registered_models(max_results=1000)
         except Exception:  # only to name what there is in an error: never an error of its own
             return None
-        return {model.name: list(model.aliases) for model in models}
+        return {model.name: list(model.aliases) for model in models if model.latest_versions}
 
     def answer(self, version: Version, frame: pd.DataFrame) -> dict[str, Any]:
         """The version's answer for one run's rows, loaded as MLflow loads it."""

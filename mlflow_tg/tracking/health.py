@@ -11,9 +11,11 @@ import time
 
 import requests
 
+from mlflow_tg.errors import shown_uri
 from mlflow_tg.tracking.sqlite import missing_store
 
 SERVER_PROBE_S = 10.0  # how long a tracking server that does not answer /health is waited for
+TIMEOUT_DRIVERS = ("psycopg2", "psycopg", "pymysql", "mysqldb")  # take connect_timeout=seconds
 
 
 def tls_verify() -> bool | str:
@@ -45,25 +47,41 @@ def unanswered(uri: str, timeout_s: float = SERVER_PROBE_S) -> str | None:
 
 
 def unreachable_database(uri: str, timeout_s: float = SERVER_PROBE_S) -> str | None:
-    """Why the PostgreSQL or MySQL database at ``uri`` cannot be connected to; None if it can.
+    """Why the PostgreSQL or MySQL database at ``uri`` gives no connection; None if it does.
 
-    MLflow would retry it for minutes, then print a traceback; the driver's own wait is bounded
-    here (other databases and SQLite are not probed).
+    MLflow would retry it for minutes, then print a traceback. The driver's wait is bounded
+    (per address the host name resolves to) where the driver takes ``connect_timeout`` and the
+    URI does not set one itself; other databases and SQLite are not probed.
     """
     if not uri.lower().startswith(("postgresql", "mysql")):
         return None
     import sqlalchemy  # MLflow's; imported only when a database URI needs it
 
-    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(timeout_s)})
+    engine = None
     try:
+        url = sqlalchemy.engine.make_url(uri)
+        bounded = url.get_dialect().driver in TIMEOUT_DRIVERS and "connect_timeout" not in url.query
+        options = {"connect_timeout": int(timeout_s)} if bounded else {}
+        engine = sqlalchemy.create_engine(url, connect_args=options)
         with engine.connect():
             return None
-    except Exception as error:  # the driver's own error: refused, timed out, bad password
+    except Exception as error:  # the driver's own: refused, timed out, bad password, bad URI
         cause = getattr(error, "orig", None) or error
         first = next((line for line in str(cause).splitlines() if line.strip()), "")
         return f"{type(cause).__name__}: {first.strip()}"
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
+
+
+def database_refused(uri: str, why: str, named_as: str) -> str:
+    """The paragraph for a database URI that gave no connection (``named_as``: how it was set)."""
+    return (
+        f"{named_as}{shown_uri(uri)!r}: no connection to the database ({why}). Check that it "
+        "runs, and the user, password and database the URI names (make server-start starts "
+        "PostgreSQL on 127.0.0.1 with the role and database mlflow_tg), or train on the "
+        "embedded store: tracking=local."
+    )
 
 
 def access_refused(status: int | None) -> str | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_tg import keys
-from mlflow_tg.errors import RegistryError
+from mlflow_tg.errors import RegistryError, shown_uri
 
 EMBEDDED_URI = "sqlite:///mlflow.db"  # conf/tracking/local.yaml: the store in the current folder
 SERVER_URI = "http://127.0.0.1:5000"  # conf/tracking/server.yaml: the server of make server-start
@@ -95,10 +95,14 @@ def history_rows(path: Path, run_id: str) -> list[dict[str, float]]:
 
 
 def pointing_at(uri: str) -> str:
-    """The override that points ``train.py`` or the predictor at ``uri`` ("" for the default)."""
+    """The override that points ``train.py`` or the predictor at ``uri`` ("" for the default).
+
+    Shown in messages, so without the password the URI may carry.
+    """
     if uri == EMBEDDED_URI:
         return ""
-    return " tracking=server" if uri.rstrip("/") == SERVER_URI else f" tracking.uri={uri}"
+    shown = shown_uri(uri)
+    return " tracking=server" if uri.rstrip("/") == SERVER_URI else f" tracking.uri={shown}"
 
 
 def no_version(
@@ -109,17 +113,23 @@ def no_version(
     ``held``: each registered model's aliases, when the store could list them; the error then
     names what there is, since a misspelt name needs no new fit.
     """
-    missing = f"the registry of {store} has no model {name!r} with alias {alias!r}"
+    missing = f"the registry of {shown_uri(store)} has no model {name!r} with alias {alias!r}"
     fit = f"python -m mlflow_tg.predictor{pointing_at(store)}"
     if name != keys.REGISTERED_MODEL:
         fit += f" registered_model={name}"
     elsewhere = "or ask a version served elsewhere: mlflow-tg predict --endpoint URL"
     if not held:
         return RegistryError(f"{missing}; fit one there first: {fit}, {elsewhere}")
+    if name in held and not held[name]:
+        return RegistryError(
+            f"{missing}: no alias of {name} names a version. Set one (the model's page in the "
+            f"MLflow UI, or MlflowClient().set_registered_model_alias), fit a version, which "
+            f"sets {keys.CHAMPION}: {fit}, {elsewhere}"
+        )
     if name in held:
         return RegistryError(
-            f"{missing}: the aliases of {name} are {aliases_text(held[name])}. Give one with "
-            f"--alias, {elsewhere}"
+            f"{missing}: the aliases of {name} are {', '.join(sorted(held[name]))}. Give one "
+            f"with --alias, {elsewhere}"
         )
     listing = "; ".join(f"{model} ({aliases_text(held[model])})" for model in sorted(held))
     return RegistryError(
@@ -129,5 +139,5 @@ def no_version(
 
 
 def aliases_text(aliases: Sequence[str]) -> str:
-    """A model's aliases in a sentence."""
-    return ", ".join(sorted(aliases)) if aliases else "none: no alias names a version"
+    """A model's aliases, in brackets after its name."""
+    return f"aliases {', '.join(sorted(aliases))}" if aliases else "no alias"

@@ -15,7 +15,6 @@ import fcntl
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,9 +41,14 @@ from omegaconf import DictConfig
 
 from mlflow_tg import __version__, keys
 from mlflow_tg.config import config_id, flatten
-from mlflow_tg.errors import ConfigError
+from mlflow_tg.errors import ConfigError, shown_uri
 from mlflow_tg.tracking import sweep
-from mlflow_tg.tracking.health import SERVER_PROBE_S, unanswered, unreachable_database
+from mlflow_tg.tracking.health import (
+    SERVER_PROBE_S,
+    database_refused,
+    unanswered,
+    unreachable_database,
+)
 from mlflow_tg.tracking.spool import (
     MAX_TAG_LENGTH,
     Hurry,
@@ -102,12 +106,7 @@ def connect(tracking: DictConfig) -> str:
     if uri.startswith(("http://", "https://")):
         check_tracking_server(uri)
     elif (why := unreachable_database(uri)) is not None:
-        raise ConfigError(
-            f"tracking.uri={shown_uri(uri)!r}: the database does not answer ({why}). Start it "
-            "(make server-start starts PostgreSQL with the role and database mlflow_tg on "
-            "127.0.0.1), point tracking.uri at one that runs, or train on the "
-            "embedded store: tracking=local."
-        )
+        raise ConfigError(database_refused(uri, why, "tracking.uri="))
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -160,11 +159,6 @@ def sqlite_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def shown_uri(uri: str) -> str:
-    """``uri`` without the password it may carry."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)
 
 
 def check_tracking_server(uri: str, timeout_s: float = SERVER_PROBE_S) -> None:

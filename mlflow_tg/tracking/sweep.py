@@ -16,7 +16,8 @@ the run KILLED, its ``mlflow_tg.reaped`` tag saying why. If the store does not a
 run's end joins its journal for ``mlflow-tg replay``.
 
 The launching process removes its folder at its end. One that was killed (SIGKILL) cannot: the
-next one removes such folders, once nothing is left in them for ``mlflow-tg reap``.
+next one ends the runs left there in the same way, once no worker of that sweep lives, and
+removes the folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import stat
 import sys
 import tempfile
 import time
@@ -59,29 +62,61 @@ def start() -> None:
     remove_stale_folders()
     me = os.getpid()
     where = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{me}."))
-    (where / "launcher.tmp").write_text(f"{me} {started_at(me)}")
+    launcher = {"pid": me, "started": started_at(me), "host": socket.gethostname(),
+                "boot": boot_id()}  # fmt: skip
+    (where / "launcher.tmp").write_text(json.dumps(launcher))
     (where / "launcher.tmp").replace(where / LAUNCHER)  # whole, or not there
     os.environ[SWEEP_PID] = str(me)
     os.environ[SWEEP_DIR] = str(where)
 
 
-def remove_stale_folders() -> None:
-    """Remove this user's sweep folders whose launching process is gone (SIGKILL, a crash).
+def boot_id() -> str | None:
+    """The id of the boot (Linux): a pid and start time name a process within one boot only."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
-    A folder that still names runs is kept: their workers died with it, and ``mlflow-tg
-    reap`` ends those runs once their heartbeat is stale.
+
+def remove_stale_folders() -> None:
+    """End what this user's killed sweeps left, and remove their folders.
+
+    A folder is stale once its launching process is gone (SIGKILL, a crash, a reboot), and no
+    worker of it lives on: orphaned workers finish their runs first. A run still enrolled there
+    lost its worker too: it gets what its journal holds and ends KILLED, as the launching
+    process would have done (``end_lost_runs``). Folders made on another machine (a shared
+    temporary folder) are left alone: their processes cannot be seen from here.
     """
     for where in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
         try:
-            if where.stat().st_uid != os.getuid():
+            status = where.lstat()  # a link planted there is not followed
+            if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
                 continue
-            pid, started = (int(word) for word in (where / LAUNCHER).read_text().split())
-            runs = where / "runs"
-            if not gone(pid, started, 0) or (runs.is_dir() and any(runs.iterdir())):
+            launcher = json.loads((where / LAUNCHER).read_text())
+            if launcher["host"] != socket.gethostname() or lives(launcher):
                 continue
-        except (OSError, ValueError):  # being made now, or not one of this code's folders
+            if workers_live(where, launcher["boot"]):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):  # being made now, or not this code's
             continue
+        for line in end_lost_runs(where, wait_s=0):
+            log.warning("a killed sweep's %s", line)
         shutil.rmtree(where, ignore_errors=True)
+
+
+def lives(process: dict) -> bool:
+    """Whether the process a sweep folder names (pid, start time, boot) still runs."""
+    return process.get("boot") == boot_id() and not gone(process["pid"], process["started"], 0)
+
+
+def workers_live(where: Path, boot: str | None) -> bool:
+    """Whether a worker that enrolled a run in the sweep folder ``where`` still runs.
+
+    ``boot``: the launching process's boot, which its workers share.
+    """
+    runs = where / "runs"
+    entries = [p for p in runs.iterdir() if p.suffix != ".tmp"] if runs.is_dir() else []
+    return any(lives(json.loads(entry.read_text()) | {"boot": boot}) for entry in entries)
 
 
 def folder() -> Path | None:
@@ -154,11 +189,14 @@ def enrol(run_id: str, spool_folder: Path, uri: str) -> None:
     if not in_worker() or (where := folder()) is None:
         return
     runs = where / "runs"
-    runs.mkdir(exist_ok=True)
     entry = {"spool": str(spool_folder), "uri": uri, "pid": os.getpid(),
              "started": started_at(os.getpid())}  # fmt: skip
-    (runs / f"{run_id}.tmp").write_text(json.dumps(entry))
-    (runs / f"{run_id}.tmp").replace(runs / run_id)  # whole, or not there
+    try:
+        runs.mkdir(exist_ok=True)
+        (runs / f"{run_id}.tmp").write_text(json.dumps(entry))
+        (runs / f"{run_id}.tmp").replace(runs / run_id)  # whole, or not there
+    except OSError as error:  # the folder went meanwhile (its launching process was killed)
+        log.debug("run %s not enrolled in %s: %s", run_id, where, error)
 
 
 def unenrol(run_id: str) -> None:
@@ -220,13 +258,16 @@ def end_lost_run(run_id: str, spool: Path, uri: str, pid: int, why: str | None) 
     return f"{done}ended KILLED{trouble}"
 
 
-def end_lost_runs(wait_s: float = DEATH_WAIT_S) -> list[str]:
-    """In the launching process, once the sweep is over: end the runs of workers that died.
+def end_lost_runs(where: Path | None = None, wait_s: float = DEATH_WAIT_S) -> list[str]:
+    """Once a sweep is over: end the runs of its workers that died.
 
-    Returns one line per run. A run whose worker still lives after ``wait_s`` is left alone
-    (``mlflow-tg reap`` ends it once its heartbeat is stale).
+    In its launching process (``where``: this sweep's folder), or in a later one for a sweep
+    whose launching process was killed. Returns one line per run. A run whose worker still
+    lives after ``wait_s`` is left alone (``mlflow-tg reap`` ends it once its heartbeat is
+    stale).
     """
-    if (where := folder()) is None or not (runs := where / "runs").is_dir():
+    where = where or folder()
+    if where is None or not (runs := where / "runs").is_dir():
         return []
     lines, seen, unreachable = [], set(), {}  # a server down is waited for once, not per run
     while entries := sorted(p for p in runs.iterdir() if p.suffix != ".tmp" and p not in seen):
