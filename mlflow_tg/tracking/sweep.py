@@ -97,9 +97,10 @@ def remove_stale_folders() -> None:
                 continue
             if workers_live(where, launcher["boot"]):
                 continue
+            lines = end_lost_runs(where, wait_s=0)
         except (OSError, ValueError, KeyError, TypeError):  # being made now, or not this code's
-            continue
-        for line in end_lost_runs(where, wait_s=0):
+            continue  # (or cleared meanwhile by another process starting at the same time)
+        for line in lines:
             log.warning("a killed sweep's %s", line)
         shutil.rmtree(where, ignore_errors=True)
 
