@@ -238,6 +238,7 @@ def test_a_better_model_takes_the_champion_alias(population):
         ("catboost.loss_function=RMSE", "catboost.loss_function='RMSE'"),
         ("compare_sets=[]", "compare_sets=[] is not allowed"),
         ("compare_sets=[graph,weights]", "'weights'"),
+        ("tracking.uri=file:///tmp/mlruns", "it names MLflow's file store"),
     ],
 )
 def test_bad_predictor_config_is_refused_before_reading_runs(tmp_path, override, named):

@@ -33,6 +33,7 @@ from scipy.stats import kendalltau
 
 from mlflow_tg import keys
 from mlflow_tg.config import CONF_DIR, is_whole_number
+from mlflow_tg.config.checks import check_tracking_uri
 from mlflow_tg.errors import ConfigError, Refusal
 from mlflow_tg.predictor.answering import fitted_window, model_input, quantiles_of
 from mlflow_tg.predictor.calibrate import outside_widening, widening
@@ -80,6 +81,7 @@ MIN_SIDE = 3  # held-out runs, and fitting runs, below which a model cannot be f
 
 def check_predictor_config(cfg: DictConfig) -> None:
     """Reject values that would fail after minutes of reading runs."""
+    check_tracking_uri(str(cfg.tracking.uri))
     if not is_whole_number(cfg.k) or cfg.k < 0:
         raise ConfigError(
             f"k={cfg.k!r} is not allowed: k must be a whole number ≥ 0 (epochs 0..k)."

@@ -68,7 +68,7 @@ def unreachable_database(uri: str, timeout_s: float = SERVER_PROBE_S) -> str | N
     except Exception as error:  # the driver's own: refused, timed out, bad password, bad URI
         cause = getattr(error, "orig", None) or error
         first = next((line for line in str(cause).splitlines() if line.strip()), "")
-        return f"{type(cause).__name__}: {first.strip()}"
+        return f"{type(cause).__name__}: {first.strip()}".replace(uri, shown_uri(uri))
     finally:
         if engine is not None:
             engine.dispose()
