@@ -419,6 +419,25 @@ def test_a_killed_launchers_folder_is_cleared_by_the_next_sweep_once_its_workers
                 shutil.rmtree(where, ignore_errors=True)
 
 
+def test_a_sweep_folder_of_earlier_code_is_cleared_once_its_pid_is_gone():
+    dead, _ = a_dead_process()
+    old = time.time() - 2 * sweep.MAKING_S
+    folders = {}
+    for name, pid, made in [("gone", dead, old), ("alive", os.getpid(), old), ("new", dead, None)]:
+        where = Path(tempfile.mkdtemp(prefix=f"{sweep.FOLDER_PREFIX}{pid}."))  # no launcher file
+        if made is not None:
+            os.utime(where, (made, made))
+        folders[name] = where
+    try:
+        sweep.remove_stale_folders()
+        assert not folders["gone"].exists()
+        assert folders["alive"].exists()  # a process has its pid: taken for its launcher
+        assert folders["new"].exists()  # without the file for under a minute: being made
+    finally:
+        for where in folders.values():
+            shutil.rmtree(where, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_a_joblib_worker_killed_mid_run_leaves_no_run_running_and_loses_no_epoch(tmp_path):
     """SIGKILL to one worker, as the OOM killer sends it: joblib kills the other one too."""

@@ -54,6 +54,7 @@ SWEEP_PID = "MLFLOW_TG_SWEEP_PID"  # the launching process, in its jobs' environ
 SWEEP_DIR = "MLFLOW_TG_SWEEP_DIR"  # its private folder, the same
 FOLDER_PREFIX = "mlflow_tg.sweep-"  # in the temporary folder, then the launcher's pid
 LAUNCHER = "launcher"  # in the folder: the launching process's pid and start time
+MAKING_S = 60.0  # a folder without its launcher file for longer was made by earlier code
 DEATH_WAIT_S = 10.0  # how long a lost worker is waited for to be gone, once the sweep is over
 
 
@@ -92,7 +93,7 @@ def remove_stale_folders() -> None:
             status = where.lstat()  # a link planted there is not followed
             if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
                 continue
-            launcher = json.loads((where / LAUNCHER).read_text())
+            launcher = launcher_of(where)
             if launcher["host"] != socket.gethostname() or lives(launcher):
                 continue
             if workers_live(where, launcher["boot"]):
@@ -103,6 +104,23 @@ def remove_stale_folders() -> None:
         for line in lines:
             log.warning("a killed sweep's %s", line)
         shutil.rmtree(where, ignore_errors=True)
+
+
+def launcher_of(where: Path) -> dict:
+    """The launching process a sweep folder names: pid, start time, host and boot.
+
+    A folder that earlier code made, without the file, names only its pid: whatever process
+    has that pid now is taken for it (kept, to be safe). One without the file that is younger
+    than ``MAKING_S`` is being made: FileNotFoundError.
+    """
+    try:
+        return json.loads((where / LAUNCHER).read_text())
+    except FileNotFoundError:
+        if time.time() - where.lstat().st_mtime < MAKING_S:
+            raise
+    pid = int(where.name.removeprefix(FOLDER_PREFIX).split(".")[0])
+    return {"pid": pid, "started": started_at(pid), "host": socket.gethostname(),
+            "boot": boot_id()}  # fmt: skip
 
 
 def lives(process: dict) -> bool:
