@@ -17,6 +17,7 @@ from mlflow_tg.tracking.reap import ReapError, heartbeat_time, parse_duration, r
 from mlflow_tg.tracking.run import sqlite_lock
 from mlflow_tg.tracking.spool import now_iso
 from tests.conftest import CONF_DIR
+from tests.servers import free_port
 
 ROOT = CONF_DIR.parent
 TINY = ["model=mlp", "width=2", "graph=off", "device=cpu", "num_threads=1"]
@@ -88,6 +89,15 @@ def test_reap_refuses_a_store_that_is_not_there_and_makes_none(tmp_path: Path, c
                                    "--older-than", "10m")  # fmt: skip
     assert code == 2 and f"({missing} does not exist)" in err and "--tracking-uri" in err
     assert not missing.parent.exists()
+
+
+def test_reap_names_a_database_that_gives_no_connection_without_its_password(capsys):
+    pytest.importorskip("psycopg2")
+    uri = f"postgresql+psycopg2://mlflow_tg:secret@127.0.0.1:{free_port()}/mlflow_tg"
+    code, _, err = reap_in_process(capsys, "--tracking-uri", uri, "--older-than", "10m")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "no connection to the database at postgresql+psycopg2://mlflow_tg:***@" in err
+    assert "(OperationalError: connection" in err and "secret" not in err
 
 
 def start_training(folder: Path, uri: str, name: str) -> subprocess.Popen:

@@ -110,12 +110,15 @@ def refused_access(error: BaseException) -> str | None:
 
 
 def store_unreachable(uri: str) -> str | None:
-    """Why nothing can be read at ``uri``: a server that does not answer, or no SQLite file.
+    """Why nothing can be read at ``uri``: no server or database answers, or no SQLite file.
 
-    MLflow's client would wait minutes for the one, and make an empty store for the other.
+    MLflow's client would wait minutes for the first two, and make an empty store for the last.
     """
+    shown = shown_uri(uri)
     if uri.startswith(("http://", "https://")):
         why = unanswered(uri)
-        return None if why is None else f"no MLflow tracking server answers at {uri} ({why})"
+        return None if why is None else f"no MLflow tracking server answers at {shown} ({why})"
+    if (why := unreachable_database(uri)) is not None:
+        return f"no connection to the database at {shown} ({why})"
     missing = missing_store(uri)
     return None if missing is None else f"no tracking store at {uri} ({missing} does not exist)"
