@@ -13,7 +13,7 @@ APT_PACKAGES := python3-graph-tool python3-venv chromium fonts-liberation
 PORT ?= 5001
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test test-slow lint format bench population offgrid offgrid2 hard-population hard-offgrid hard-offgrid2 hard-offgrid3 pruned-sweep predictor serve predict ui clean \
+.PHONY: setup run test test-slow lint format bench population offgrid offgrid2 offgrid3 hard-population hard-offgrid hard-offgrid2 hard-offgrid3 pruned-sweep predictor serve predict ui clean \
 	server-start server-stop server-status bench-scale
 
 setup: $(STAMP)
@@ -80,6 +80,10 @@ offgrid: setup
 # A second, independent sweep off the population's grid (72 runs): no value shared with the first.
 offgrid2: setup
 	$(PY) train.py -m +experiment=offgrid2 hydra/launcher=joblib hydra.launcher.n_jobs=2
+
+# A third (72 runs): no seed or learning rate shared with the other two.
+offgrid3: setup
+	$(PY) train.py -m +experiment=offgrid3 hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 # VGG with BatchNorm only, where the configuration does not decide the outcome (192 runs).
 hard-population: setup

@@ -124,6 +124,7 @@ def sweep_grid(experiment: str) -> dict[str, list[str]]:
     [
         ("population", "offgrid"),
         ("population", "offgrid2"),
+        ("population", "offgrid3"),
         ("hard", "hard_offgrid"),
         ("hard", "hard_offgrid2"),
         ("hard", "hard_offgrid3"),
@@ -159,6 +160,16 @@ def test_the_sweeps_off_the_population_grid_share_no_value():
     first, second = sweep_grid("offgrid"), sweep_grid("offgrid2")
     for key in ("seed", "width", "optimizer.lr"):
         assert not set(map(float, first[key])) & set(map(float, second[key])), key
+
+
+@pytest.mark.parametrize("earlier", ["offgrid", "offgrid2"])
+def test_the_third_sweep_off_the_population_grid_shares_no_seed_or_learning_rate(earlier):
+    first, third = sweep_grid(earlier), sweep_grid("offgrid3")
+    for key in ("seed", "optimizer.lr", "optimizer.weight_decay"):
+        assert not set(map(float, first[key])) & set(map(float, third[key])), key
+    # the widths between the grid's 2, 4, 6 and 8 are 3, 5 and 7: the first two sweeps took them
+    shared = set(map(float, first["width"])) & set(map(float, third["width"]))
+    assert shared <= {5.0}, shared
 
 
 def test_every_group_option_is_typed_by_a_schema():
