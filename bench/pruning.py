@@ -132,7 +132,8 @@ def jobs_of(records: list, model_uri: str) -> list[Job]:
 def predictions(model, history, params, run_id) -> dict[int, tuple[float, float]]:
     """The champion's answer from epochs 0..e, for every epoch e it can answer from."""
     frames, epochs = [], []
-    for epoch in range(1, int(history[-1]["epoch"]) + 1):
+    first = min(model.unwrap_python_model().ks)  # a window 0 answers before any training
+    for epoch in range(first, int(history[-1]["epoch"]) + 1):
         prefix = [row for row in history if row["epoch"] <= epoch]
         frames.append(model_input(prefix, params, f"{run_id}@{epoch}"))
         epochs.append(epoch)
@@ -174,7 +175,7 @@ def replay_policy(policy: Policy, order: list[Job]) -> list[int]:
     mates, trained = [], []
     for job in order:
         stop = job.budget
-        for epoch in range(1, job.budget):
+        for epoch in range(job.budget):  # epoch 0: before training, from the initialisation
             if policy.decide(epoch, view(job, epoch, False), mates):
                 stop = epoch
                 break
@@ -224,20 +225,25 @@ def outcome(order: list[Job], trained: list[int]) -> Outcome:
     )
 
 
-def ours(quantile: float, warmup: int = 5) -> Callable[[list[Job]], list[int]]:
-    """``prune=predicted`` at one setting, as a replay."""
-    policy = PredictedPolicy(quantile=quantile, warmup=warmup)
+BEFORE_TRAINING = PredictedPolicy.quantile_before_training  # prune.quantile_before_training
+
+
+def ours(
+    quantile: float, warmup: int = 5, before: float | None = BEFORE_TRAINING
+) -> Callable[[list[Job]], list[int]]:
+    """``prune=predicted`` at one setting, as a replay (``before``: its bar at epoch 0)."""
+    policy = PredictedPolicy(quantile, warmup, before)
     return lambda order: replay_policy(policy, order)
 
 
-def policies() -> dict[str, Callable[[list[Job]], list[int]]]:
+def policies(before: float | None) -> dict[str, Callable[[list[Job]], list[int]]]:
     """Every policy of the comparison, by name."""
     found: dict[str, Callable[[list[Job]], list[int]]] = {
         "no pruning": lambda o: [j.budget for j in o]
     }
     for quantile in (0.5, 0.75, 0.9):
         for warmup in (5, 10):
-            found[f"ours q={quantile} warmup={warmup}"] = ours(quantile, warmup)
+            found[f"ours q={quantile} warmup={warmup}"] = ours(quantile, warmup, before)
     found["median rule (prune=median)"] = lambda o: replay_policy(MedianPolicy(warmup=5), o)
     pruners = {
         "optuna MedianPruner": lambda: optuna.pruners.MedianPruner(n_startup_trials=5),
@@ -271,18 +277,26 @@ def main() -> None:
         help="first pick prune.quantile on the version's held-out runs of POPULATION (the "
         "experiment it was fitted on), then replay that choice beside the others",
     )
+    parser.add_argument(
+        "--quantile-before-training",
+        type=lambda text: None if text == "null" else float(text),
+        default=BEFORE_TRAINING,
+        help="prune.quantile_before_training of every setting of ours (null: the quantile)",
+    )
     args = parser.parse_args()
+    before = args.quantile_before_training
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow.set_tracking_uri(args.tracking_uri)
     logging.getLogger("mlflow.models.utils").setLevel(logging.ERROR)  # extra history columns
     client = MlflowClient()
-    compared = policies()
+    compared = policies(before)
     if args.choose_on:
         held = held_out_jobs(client, args.choose_on, args.model)
         print(f"choosing prune.quantile on the version's held-out runs of {args.choose_on!r}:")
-        tried = replay_all({f"ours q={q} warmup=5": ours(q) for q in CHOICES}, held, args.orders)
+        settings = {f"ours q={q} warmup=5": ours(q, 5, before) for q in CHOICES}
+        tried = replay_all(settings, held, args.orders)
         quantile = choose(dict(zip(CHOICES, tried, strict=True)))
-        compared[f"ours q={quantile} (chosen on held-out)"] = ours(quantile)
+        compared[f"ours q={quantile} (chosen on held-out)"] = ours(quantile, 5, before)
         print()
     jobs = load_jobs(client, args.experiment, args.model)
     draw(replay_all(compared, jobs, args.orders), args.figure)

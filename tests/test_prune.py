@@ -43,12 +43,21 @@ def test_predicted_policy_counts_a_running_mate_by_its_prediction():
     assert "0.850" in reason and "2 sweep-mates" in reason
 
 
+def test_predicted_policy_can_stop_a_job_before_its_first_epoch():
+    policy = PredictedPolicy(quantile=0.5, warmup=2)
+    run = RunView(val_acc={0: 0.1}, predicted=0.1, predicted_high=0.2)  # a window k=0 answered
+    assert policy.ready(0, run)
+    assert "below 0.900" in policy.decide(0, run, mates_expecting(0.9, 0.9))
+    assert not policy.ready(0, RunView(val_acc={0: 0.1}))  # no window 0: nothing to decide
+
+
 def test_median_policy_compares_with_mates_at_the_same_epoch():
     policy = MedianPolicy(warmup=3, min_epoch=1)
     mates = [RunView(val_acc={1: v, 2: 0.99}) for v in (0.3, 0.5, 0.7)]
     assert "below the median 0.500" in policy.decide(1, RunView(val_acc={1: 0.4}), mates)
     assert policy.decide(1, RunView(val_acc={1: 0.6}), mates) is None
     assert policy.decide(0, RunView(val_acc={0: 0.0}), mates) is None  # before min_epoch
+    assert not policy.ready(0, RunView(val_acc={0: 0.0}))
     assert policy.decide(3, RunView(val_acc={3: 0.0}), mates) is None  # no mate reached 3
 
 
@@ -88,6 +97,30 @@ def test_a_job_above_its_mates_trains_its_whole_budget_and_says_so(
     assert result["epochs_completed"] == 2
     sweep = {r.data.tags.get(keys.SWEEP) for r in all_runs(client)}
     assert sweep == {"s1"}  # the job joined its mates' sweep
+
+
+@pytest.mark.parametrize(
+    ("policy", "reads"),
+    [
+        (["prune=median"], 2),  # after epochs 1 and 2; at epoch 0 the median rule waits
+        (["prune=predicted", "predict=champion"], 0),  # no registry here: never a prediction
+    ],
+)
+def test_mates_are_read_only_when_the_policy_has_something_to_decide(
+    make_cfg, tracking_uri, client: MlflowClient, monkeypatch, policy, reads
+):
+    log_mates(tracking_uri, val_acc=0.0)
+    searches: list[str] = []
+    real_search = MlflowClient.search_runs
+
+    def counted_search(self, *args, **kwargs):
+        searches.append(kwargs.get("filter_string", ""))
+        return real_search(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "search_runs", counted_search)
+    cfg = make_cfg("model=mlp", "epochs=2", "graph=off", *policy, "prune.sweep=s1")
+    assert train(cfg)["epochs_completed"] == 2
+    assert len([f for f in searches if keys.SWEEP in f]) == reads
 
 
 def test_mates_curves_are_read_again_only_while_they_can_change(tracking_uri, client, monkeypatch):

@@ -442,12 +442,15 @@ class PruneConfig(Checked):
     GROUP: ClassVar[str] = "prune"
     policy: PrunePolicy = PrunePolicy.off
     quantile: float = 0.75
+    quantile_before_training: float | None = 0.5  # None: quantile, at epoch 0 too
     warmup: int = 5
     min_epoch: int = 1
     sweep: str | None = None  # the mates' sweep tag; None: this job's Hydra multirun
 
     def __post_init__(self) -> None:
         self.require_unit_interval("quantile")
+        if self.quantile_before_training is not None:
+            self.require_unit_interval("quantile_before_training")
         self.require_whole("warmup", 0)
         self.require_whole("min_epoch", 1)
 

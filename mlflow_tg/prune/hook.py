@@ -88,7 +88,6 @@ class SweepPruner:
         self.needs_curves = needs_curves  # the median rule compares val_acc epoch by epoch
         self.curves = MateCurves()
         self.val_acc: dict[int, float] = {}
-        self.warned = False
 
     def on_epoch(self, epoch: Epoch, run: RunLogger) -> None:
         """Decide after the epoch's own metrics (a live prediction included) are known."""
@@ -96,12 +95,14 @@ class SweepPruner:
             self.val_acc[epoch.number] = epoch.metrics[keys.VAL_ACC]
         if epoch.number == 0:
             run.set_tag(keys.PRUNED, "false")
-            return
+            self.find_sweep(run)
         view = RunView(
             val_acc=self.val_acc,
             predicted=epoch.metrics.get(keys.PREDICTED),
             predicted_high=epoch.metrics.get(keys.PREDICTED_HIGH),
         )
+        if not self.policy.ready(epoch.number, view):  # nothing to decide on: mates not read
+            return
         reason = self.policy.decide(epoch.number, view, self.mates(run, epoch.number))
         if reason:
             run.set_tag(keys.PRUNED, "true")
@@ -109,22 +110,22 @@ class SweepPruner:
             run.set_tag(keys.PRUNED_BY, reason)
             epoch.stop = f"pruned, {reason}"
 
+    def find_sweep(self, run: RunLogger) -> None:
+        """The run's experiment and sweep, read once: they do not change while it trains."""
+        this = MlflowClient().get_run(run.run_id)
+        self.experiment_id = this.info.experiment_id
+        self.sweep = self.sweep or this.data.tags.get(keys.SWEEP)
+        if self.sweep is None:
+            log.warning("pruning is on but this run is not part of a sweep (-m): no mates")
+
     def mates(self, run: RunLogger, epoch: int) -> list[RunView]:
         """The other runs of this run's sweep, as the store has them after ``epoch``."""
-        client = MlflowClient()
-        if self.experiment_id is None:  # the run's sweep and experiment do not change: read once
-            this = client.get_run(run.run_id)
-            self.experiment_id = this.info.experiment_id
-            self.sweep = self.sweep or this.data.tags.get(keys.SWEEP)
-        sweep = self.sweep
-        if sweep is None:
-            if not self.warned:
-                log.warning("pruning is on but this run is not part of a sweep (-m): no mates")
-                self.warned = True
+        if self.sweep is None:
             return []
+        client = MlflowClient()
         found = client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{keys.SWEEP}` = '{sweep}'",
+            filter_string=f"tags.`{keys.SWEEP}` = '{self.sweep}'",
             max_results=10_000,
         )
         mates = [mate for mate in found if mate.info.run_id != run.run_id]

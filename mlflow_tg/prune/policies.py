@@ -40,6 +40,9 @@ class RunView:
 class Policy(Protocol):
     """Decides, after an epoch, whether a run should stop; returns why, or None."""
 
+    def ready(self, epoch: int, run: RunView) -> bool:
+        """Whether the run has what a decision after ``epoch`` reads (if not, mates go unread)."""
+
     def decide(self, epoch: int, run: RunView, mates: list[RunView]) -> str | None:
         """The reason to stop the run after ``epoch``, or None to go on."""
 
@@ -50,19 +53,29 @@ class PredictedPolicy:
 
     quantile: float = 0.75
     warmup: int = 5
+    # epoch 0 (a version with a window 0 answers before any training): from the configuration
+    # and the initialisation alone it misreads more good runs, so a stricter bar; None: quantile
+    quantile_before_training: float | None = 0.5
+
+    def ready(self, epoch: int, run: RunView) -> bool:
+        """A prediction from this epoch (epoch 0 too, when the version has a window 0)."""
+        return run.predicted_high is not None
 
     def decide(self, epoch: int, run: RunView, mates: list[RunView]) -> str | None:
         """Compare the optimistic prediction with the mates' expected accuracies."""
-        if run.predicted_high is None:
+        if not self.ready(epoch, run):
             return None
         expected = [mate.expected for mate in mates if mate.expected is not None]
         if len(expected) < self.warmup:
             return None
-        bar = float(np.quantile(expected, self.quantile))
+        quantile = self.quantile
+        if epoch == 0 and self.quantile_before_training is not None:
+            quantile = self.quantile_before_training
+        bar = float(np.quantile(expected, quantile))
         if run.predicted_high < bar:
             return (
                 f"predicted final accuracy at most {run.predicted_high:.3f} (80% interval's "
-                f"upper end) is below {bar:.3f}, the {self.quantile:g} quantile of "
+                f"upper end) is below {bar:.3f}, the {quantile:g} quantile of "
                 f"{len(expected)} sweep-mates"
             )
         return None
@@ -75,9 +88,13 @@ class MedianPolicy:
     warmup: int = 5
     min_epoch: int = 1
 
+    def ready(self, epoch: int, run: RunView) -> bool:
+        """A validation accuracy at this epoch, from ``min_epoch`` on."""
+        return epoch >= self.min_epoch and epoch in run.val_acc
+
     def decide(self, epoch: int, run: RunView, mates: list[RunView]) -> str | None:
         """Compare this epoch's validation accuracy with the mates' at the same epoch."""
-        if epoch < self.min_epoch or epoch not in run.val_acc:
+        if not self.ready(epoch, run):
             return None
         reached = [mate.val_acc[epoch] for mate in mates if epoch in mate.val_acc]
         if len(reached) < self.warmup:
@@ -94,7 +111,7 @@ class MedianPolicy:
 def make_policy(cfg: Any) -> Policy:
     """The policy a ``prune`` config names (``policy: predicted`` or ``median``)."""
     if cfg.policy == "predicted":
-        return PredictedPolicy(quantile=cfg.quantile, warmup=cfg.warmup)
+        return PredictedPolicy(cfg.quantile, cfg.warmup, cfg.quantile_before_training)
     if cfg.policy == "median":
         return MedianPolicy(warmup=cfg.warmup, min_epoch=cfg.min_epoch)
     raise ValueError(f"prune.policy={cfg.policy!r}: choose off, predicted or median")
