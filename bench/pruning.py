@@ -2,6 +2,7 @@
 
     python bench/pruning.py [--tracking-uri sqlite:///mlflow.db] [--experiment offgrid]
         [--model models:/NAME@ALIAS] [--orders 10] [--figure PATH] [--choose-on population]
+        [--quantile-before-training 0.5]
 
 Takes the finished runs of a population the predictor was not fitted on (default: the
 ``offgrid`` sweep, ``make offgrid``), and replays them as a sequential sweep in several random
@@ -25,6 +26,9 @@ replays the version's held-out runs of the population it was fitted on (configur
 saw) at each quantile of ``CHOICES``, takes the least compute that meets the target there
 (regret ≤ 0.5 points, top-10% recall ≥ 0.9), and adds that setting to the replay of
 ``--experiment``. Nothing of ``--experiment`` enters the choice.
+
+A version with a window k=0 answers before any training: ours may then stop a job at epoch 0
+(no epoch trained), against the ``--quantile-before-training`` bar (``null``: the quantile).
 """
 
 from __future__ import annotations

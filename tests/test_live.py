@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from mlflow_tg import keys
 from mlflow_tg.job import train
-from tests.conftest import store_job
+from tests.conftest import predictor_config, store_job
 
 pytestmark = pytest.mark.slow
 CLI = Path(sys.executable).parent / "mlflow-tg"
@@ -83,3 +83,38 @@ def test_predicted_pruning_stops_a_job_below_its_mates(population, champion):
     assert result["epochs_completed"] < 4
     assert "upper end" in run.data.tags[keys.PRUNED_BY]
     assert keys.TARGET in run.data.metrics
+
+
+@pytest.fixture(scope="module")
+def window_zero(population) -> str:
+    """A version with a window k=0, answering before any training, under a model of its own."""
+    from mlflow_tg.predictor.job import fit_predictor
+
+    name = "tg-window-zero"
+    fit_predictor(predictor_config(population, "ks=[0,1,2,3]", f"registered_model={name}"))
+    return name
+
+
+def test_a_window_zero_answers_before_training_and_can_prune_there(population, window_zero):
+    client = MlflowClient(population["uri"])
+    answered = train(job(population, "zero", "predict=champion", f"predict.model={window_zero}"))
+    live = client.get_metric_history(answered["run_id"], keys.PREDICTED)
+    assert sorted(m.step for m in live) == [0, 1, 2, 3, 4]  # from epoch 0, the initialisation
+    sweep = "zero-sweep"
+    mlflow.set_tracking_uri(population["uri"])
+    mlflow.set_experiment("zero-pruned")
+    for _ in range(5):  # mates that reached the top: any interval ending below 1 is below them
+        with mlflow.start_run(tags={keys.SWEEP: sweep, keys.PRUNED: "false"}):
+            mlflow.log_metric(keys.TARGET, 1.0)
+    # a configuration whose runs in the population stay near chance: lenet at learning rate 0.3
+    weak = store_job(population, "zero-pruned", "model=lenet", "width=2", "optimizer.lr=0.3",
+                     "predict=champion", f"predict.model={window_zero}", "prune=predicted",
+                     f"prune.sweep={sweep}")  # fmt: skip
+    result = train(weak)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[keys.PRUNED] == "true" and run.data.tags[keys.PRUNED_EPOCH] == "0"
+    assert "the 0.5 quantile of 5 sweep-mates" in run.data.tags[keys.PRUNED_BY]  # the bar at 0
+    assert result["epochs_completed"] == 0  # stopped before its first training epoch
+    assert keys.TARGET in run.data.metrics  # evaluated on the test split as it is
+    assert [m.step for m in client.get_metric_history(run.info.run_id, keys.VAL_ACC)] == [0]

@@ -8,7 +8,8 @@ training job (``hook.py``) and in the replay benchmark (``bench/pruning.py``).
   what its mates are expected to reach (a mate's final accuracy once it completed its budget,
   else its latest prediction), once at least ``warmup`` mates have such an estimate. The
   interval is what makes this safe early: a prediction from one epoch is wide, and a run is
-  only dropped when its whole plausible range lies below the bar.
+  only dropped when its whole plausible range lies below the bar. A version with a window k=0
+  answers before any training; there the bar is the ``quantile_before_training`` quantile.
 - ``median`` (reference, the median rule of Golovin et al. 2017 that Optuna's ``MedianPruner``
   implements): stop when the run's ``val_acc`` at this epoch is below the median of its mates'
   ``val_acc`` at the same epoch, once ``warmup`` mates reached it.
