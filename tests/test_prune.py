@@ -178,6 +178,10 @@ def test_a_job_outside_any_sweep_is_never_pruned(make_cfg, client, policy, caplo
     [
         (["prune=predicted"], "prune=predicted is not allowed with predict=off"),
         (["prune=median", "prune.quantile=1.5"], "prune.quantile=1.5 is not allowed"),
+        (
+            ["prune=predicted", "predict=champion", "prune.quantile_before_training=-0.1"],
+            "prune.quantile_before_training=-0.1 is not allowed",
+        ),
         (["prune=median", "prune.warmup=-1"], "prune.warmup=-1 is not allowed"),
         (["predict=endpoint", "predict.endpoint=localhost:5001"], "predict.endpoint="),
     ],

@@ -117,7 +117,10 @@ def no_version(
     fit = f"python -m mlflow_tg.predictor{pointing_at(store)}"
     if name != keys.REGISTERED_MODEL:
         fit += f" registered_model={name}"
-    elsewhere = "or ask a version served elsewhere: mlflow-tg predict --endpoint URL"
+    elsewhere = (
+        "or, to predict without this registry, ask a model served elsewhere: "
+        "mlflow-tg predict --endpoint URL"
+    )
     if not held:
         return RegistryError(f"{missing}; fit one there first: {fit}, {elsewhere}")
     if name in held and not held[name]:
