@@ -51,6 +51,16 @@ def test_predicted_policy_can_stop_a_job_before_its_first_epoch():
     assert not policy.ready(0, RunView(val_acc={0: 0.1}))  # no window 0: nothing to decide
 
 
+def test_the_bar_before_training_is_the_lower_of_the_two_quantiles():
+    mates, run = mates_expecting(0.2, 0.8), RunView(predicted=0.3, predicted_high=0.5)
+    gentle = PredictedPolicy(quantile=0.9, warmup=2, quantile_before_training=0.1)
+    assert gentle.decide(0, run, mates) is None  # bar 0.26 at epoch 0
+    assert gentle.decide(1, run, mates) is not None  # bar 0.74 later
+    assert PredictedPolicy(0.9, 2, None).decide(0, run, mates) is not None  # None: the same bar
+    low = PredictedPolicy(quantile=0.1, warmup=2, quantile_before_training=0.5)
+    assert low.decide(0, run, mates) == low.decide(1, run, mates) is None  # never above later
+
+
 def test_median_policy_compares_with_mates_at_the_same_epoch():
     policy = MedianPolicy(warmup=3, min_epoch=1)
     mates = [RunView(val_acc={1: v, 2: 0.99}) for v in (0.3, 0.5, 0.7)]
@@ -180,7 +190,8 @@ def test_a_job_outside_any_sweep_is_never_pruned(make_cfg, client, policy, caplo
         (["prune=median", "prune.quantile=1.5"], "prune.quantile=1.5 is not allowed"),
         (
             ["prune=predicted", "predict=champion", "prune.quantile_before_training=-0.1"],
-            "prune.quantile_before_training=-0.1 is not allowed",
+            "prune.quantile_before_training=-0.1 is not allowed: prune.quantile_before_training "
+            "must be a number ≥ 0 and < 1",
         ),
         (["prune=median", "prune.warmup=-1"], "prune.warmup=-1 is not allowed"),
         (["predict=endpoint", "predict.endpoint=localhost:5001"], "predict.endpoint="),

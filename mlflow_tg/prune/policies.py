@@ -55,7 +55,8 @@ class PredictedPolicy:
     quantile: float = 0.75
     warmup: int = 5
     # epoch 0 (a version with a window 0 answers before any training): from the configuration
-    # and the initialisation alone it misreads more good runs, so a stricter bar; None: quantile
+    # and the initialisation alone it misreads more good runs, so a bar never above the later
+    # one (the lower of the two quantiles); None: quantile
     quantile_before_training: float | None = 0.5
 
     def ready(self, epoch: int, run: RunView) -> bool:
@@ -71,7 +72,7 @@ class PredictedPolicy:
             return None
         quantile = self.quantile
         if epoch == 0 and self.quantile_before_training is not None:
-            quantile = self.quantile_before_training
+            quantile = min(quantile, self.quantile_before_training)
         bar = float(np.quantile(expected, quantile))
         if run.predicted_high < bar:
             return (
