@@ -236,7 +236,7 @@ def ours(
     quantile: float, warmup: int = 5, before: float | None = BEFORE_TRAINING
 ) -> Callable[[list[Job]], list[int]]:
     """``prune=predicted`` at one setting, as a replay (``before``: its bar at epoch 0)."""
-    policy = PredictedPolicy(quantile, warmup, before)
+    policy = PredictedPolicy(quantile=quantile, warmup=warmup, quantile_before_training=before)
     return lambda order: replay_policy(policy, order)
 
 
@@ -297,10 +297,10 @@ def main() -> None:
     if args.choose_on:
         held = held_out_jobs(client, args.choose_on, args.model)
         print(f"choosing prune.quantile on the version's held-out runs of {args.choose_on!r}:")
-        settings = {f"ours q={q} warmup=5": ours(q, 5, before) for q in CHOICES}
+        settings = {f"ours q={q} warmup=5": ours(q, before=before) for q in CHOICES}
         tried = replay_all(settings, held, args.orders)
         quantile = choose(dict(zip(CHOICES, tried, strict=True)))
-        compared[f"ours q={quantile} (chosen on held-out)"] = ours(quantile, 5, before)
+        compared[f"ours q={quantile} (chosen on held-out)"] = ours(quantile, before=before)
         print()
     jobs = load_jobs(client, args.experiment, args.model)
     draw(replay_all(compared, jobs, args.orders), args.figure)

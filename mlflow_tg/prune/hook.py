@@ -120,6 +120,8 @@ class SweepPruner:
 
     def mates(self, run: RunLogger, epoch: int) -> list[RunView]:
         """The other runs of this run's sweep, as the store has them after ``epoch``."""
+        if self.experiment_id is None:  # a caller that began after epoch 0
+            self.find_sweep(run)
         if self.sweep is None:
             return []
         client = MlflowClient()

@@ -9,7 +9,8 @@ training job (``hook.py``) and in the replay benchmark (``bench/pruning.py``).
   else its latest prediction), once at least ``warmup`` mates have such an estimate. The
   interval is what makes this safe early: a prediction from one epoch is wide, and a run is
   only dropped when its whole plausible range lies below the bar. A version with a window k=0
-  answers before any training; there the bar is the ``quantile_before_training`` quantile.
+  answers before any training; there the bar is the lower of ``quantile_before_training`` and
+  ``quantile``.
 - ``median`` (reference, the median rule of Golovin et al. 2017 that Optuna's ``MedianPruner``
   implements): stop when the run's ``val_acc`` at this epoch is below the median of its mates'
   ``val_acc`` at the same epoch, once ``warmup`` mates reached it.
@@ -113,7 +114,11 @@ class MedianPolicy:
 def make_policy(cfg: Any) -> Policy:
     """The policy a ``prune`` config names (``policy: predicted`` or ``median``)."""
     if cfg.policy == "predicted":
-        return PredictedPolicy(cfg.quantile, cfg.warmup, cfg.quantile_before_training)
+        return PredictedPolicy(
+            quantile=cfg.quantile,
+            warmup=cfg.warmup,
+            quantile_before_training=cfg.quantile_before_training,
+        )
     if cfg.policy == "median":
         return MedianPolicy(warmup=cfg.warmup, min_epoch=cfg.min_epoch)
     raise ValueError(f"prune.policy={cfg.policy!r}: choose off, predicted or median")
